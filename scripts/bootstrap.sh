@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment and installs what `make run` and `make test` need.
+# Idempotent: safe to run again. Never downloads data or weights: Fashion-MNIST comes from Debian.
+set -euo pipefail
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+APT_PACKAGES="dataset-fashion-mnist prometheus"
+
+log() { printf '[bootstrap] %s\n' "$*"; }
+
+install_apt() {
+  local missing=()
+  for pkg in $APT_PACKAGES; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "not root (or no apt-get): cannot install ${missing[*]}."
+    log "Fashion-MNIST: install Debian's dataset-fashion-mnist, or set COLLAFUSE_DATA=/path/to/idx-or-npz."
+    return 0
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
+  "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
+}
+
+install_apt
+install_python
+log "ready: $VENV"

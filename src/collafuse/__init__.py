@@ -1,0 +1,1 @@
+"""CollaFuse: split diffusion between private sites and a shared server."""
