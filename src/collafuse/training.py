@@ -1,0 +1,301 @@
+"""Training loops, the two halves of generation, and model checkpoints.
+
+Shared by the in-process simulator and the services: each function takes the models and the
+federation config and runs one role's work, so both transports run the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from collafuse.config import FederationConfig, ModelConfig
+from collafuse.diffusion import (
+    EpsModel,
+    disclose,
+    make_grid,
+    sample_prior,
+    server_loss,
+    server_sample,
+    site_loss,
+    site_sample,
+)
+from collafuse.schedule import Schedule
+from collafuse.unet import UNet
+
+
+def build_site_model(fed: FederationConfig) -> UNet:
+    """A site's private low-noise model (conditioned on labels when ``site_labels``)."""
+    return UNet(fed.site_model.spec(), fed.image_shape[0], fed.site_num_classes)
+
+
+def build_server_model(fed: FederationConfig) -> UNet:
+    """The shared high-noise model (conditioned on the site id by default)."""
+    return UNet(fed.server_model.spec(), fed.image_shape[0], fed.server_num_classes)
+
+
+def bind(model: torch.nn.Module, y: Tensor | None) -> EpsModel:
+    """``eps_model(x_t, t)`` with the condition ``y`` ``[N]`` (or none) bound."""
+
+    def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
+        return model(x_t, t, y)  # type: ignore[no-any-return]
+
+    return eps_model
+
+
+@dataclass
+class Trainer:
+    """One model with its optimizer and an exponential moving average used for sampling."""
+
+    model: UNet
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    compute_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+
+    def update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))  # warm-up of the EMA
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        self.step += 1
+        self.losses.append(float(loss.detach()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+
+LossFn = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def _train(
+    trainer: Trainer,
+    n: int,
+    loss_fn: LossFn,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    time_budget_s: float | None,
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """Run up to ``steps`` optimizer steps (or until ``time_budget_s``) on minibatches of
+    indices into a training set of ``n`` items; returns this call's losses."""
+    if n == 0:
+        raise ValueError(f"{desc}: no training data")
+    trainer.model.train()
+    start, first = time.perf_counter(), len(trainer.losses)
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for _ in range(steps):
+            if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                break
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+            trainer.update(loss_fn(idx, generator))
+            bar.update()
+            if trainer.step % 50 == 0:
+                bar.set_postfix(loss=f"{trainer.losses[-1]:.4f}")
+    trainer.compute_seconds += time.perf_counter() - start
+    trainer.model.eval()
+    return trainer.losses[first:]
+
+
+def train_site(
+    trainer: Trainer,
+    fed: FederationConfig,
+    schedule: Schedule,
+    images: Tensor,
+    labels: Tensor | None,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    time_budget_s: float | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Train a site's model on its own data ``images [N, C, H, W]``, ``t ~ U{1..t_c}``."""
+    if fed.t_cut == 0:
+        return []  # centralized: the site runs no step
+
+    def loss_fn(idx: Tensor, g: torch.Generator) -> Tensor:
+        y = labels[idx] if (labels is not None and fed.site_labels) else None
+        return site_loss(bind(trainer.model, y), schedule, images[idx], fed.t_cut, g)
+
+    return _train(trainer, len(images), loss_fn, steps, batch_size, generator, time_budget_s,
+                  "site", progress)
+
+
+def train_server(
+    trainer: Trainer,
+    fed: FederationConfig,
+    schedule: Schedule,
+    x_tc: Tensor,
+    site_ids: Tensor,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    time_budget_s: float | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Train the server on the pooled disclosures ``x_tc [N, C, H, W]`` from ``site_ids [N]``,
+    ``t ~ U{t_c+1..T}`` (for ``noise-revealed`` ``x_tc`` holds the recovered ``x0``)."""
+    if fed.t_cut == fed.T:
+        return []  # local-only: the server runs no step
+
+    def loss_fn(idx: Tensor, g: torch.Generator) -> Tensor:
+        y = site_ids[idx] if fed.server_conditioning == "site" else None
+        return server_loss(bind(trainer.model, y), schedule, x_tc[idx], fed.t_cut, g,
+                           fed.upload_mode)
+
+    return _train(trainer, len(x_tc), loss_fn, steps, batch_size, generator, time_budget_s,
+                  "server", progress)
+
+
+def make_disclosure(
+    fed: FederationConfig, schedule: Schedule, x0: Tensor, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """What a site uploads once per image, as named tensors.
+
+    ``exact``/``renoise``: ``{"x_tc"}``. ``noise-revealed`` (the ECIS code's ablation): ``x_t``
+    at a server step plus its noise ``eps`` and ``t``, from which ``x0`` is exact.
+    ``generator`` must be the site's secret source.
+    """
+    if fed.upload_mode != "noise-revealed":
+        return {"x_tc": disclose(schedule, x0, fed.t_cut, generator)}
+    t = torch.randint(fed.t_cut + 1, fed.T + 1, (len(x0),), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    abar = schedule.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    return {"x_t": abar.sqrt() * x0 + (1 - abar).sqrt() * eps, "eps": eps, "t": t}
+
+
+def server_training_set(fed: FederationConfig, schedule: Schedule,
+                        disclosure: dict[str, Tensor]) -> Tensor:
+    """The server's training images from one disclosure (``x_tc``, or ``x0`` recovered
+    exactly in the noise-revealed ablation)."""
+    if fed.upload_mode != "noise-revealed":
+        return disclosure["x_tc"]
+    abar = schedule.alphas_cumprod[disclosure["t"]].to(disclosure["x_t"].dtype).view(-1, 1, 1, 1)
+    return (disclosure["x_t"] - (1 - abar).sqrt() * disclosure["eps"]) / abar.sqrt()
+
+
+def sampling_grid(fed: FederationConfig, server_steps: int | None,
+                  site_steps: int | None) -> list[int] | None:
+    """The respaced grid, or None for every step."""
+    if server_steps is None and site_steps is None:
+        return None
+    return make_grid(fed.T, fed.t_cut, server_steps, site_steps)
+
+
+@torch.no_grad()
+def server_handoffs(
+    model: torch.nn.Module,
+    fed: FederationConfig,
+    schedule: Schedule,
+    site_ids: Tensor,
+    generator: torch.Generator,
+    *,
+    grid: Sequence[int] | None = None,
+) -> Tensor:
+    """The server's half for a batch: ``x_T`` to hand-offs ``x_tc [N, C, H, W]``, sample ``i``
+    conditioned on ``site_ids[i]`` (requests of several sites share every forward pass)."""
+    x_T = sample_prior((len(site_ids), *fed.image_shape), generator)
+    y = site_ids if fed.server_conditioning == "site" else None
+    return server_sample(bind(model, y), schedule, fed.t_cut, x_T, generator, grid=grid,
+                         upload_mode=fed.upload_mode)
+
+
+@torch.no_grad()
+def site_finish(
+    model: torch.nn.Module,
+    fed: FederationConfig,
+    schedule: Schedule,
+    x_tc: Tensor,
+    generator: torch.Generator,
+    *,
+    labels: Tensor | None = None,
+    grid: Sequence[int] | None = None,
+    clip_x0: bool = True,
+) -> Tensor:
+    """The site's half: hand-offs ``x_tc [N, C, H, W]`` to images ``x0``, clamped to [-1, 1]."""
+    y = labels if fed.site_labels else None
+    x0 = site_sample(bind(model, y), schedule, fed.t_cut, x_tc, generator, grid=grid,
+                     clip_x0=clip_x0, upload_mode=fed.upload_mode,
+                     client_fraction=fed.client_fraction)
+    return x0.clamp(-1, 1)
+
+
+def model_to_bytes(model: torch.nn.Module, meta: dict[str, Any]) -> bytes:
+    """safetensors bytes of ``model``'s weights; ``meta`` (JSON-able) rides in the header."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return save(state, metadata={"collafuse": json.dumps(meta, sort_keys=True)})
+
+
+def model_from_bytes(data: bytes, model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into ``model``; returns the metadata stored with them."""
+    model.load_state_dict(load(data))
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return json.loads(header.get("__metadata__", {}).get("collafuse", "{}"))  # type: ignore[no-any-return]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_meta(fed: FederationConfig, role: str, step: int, site: str | None = None,
+                    model: ModelConfig | None = None) -> dict[str, Any]:
+    """What every checkpoint carries: config, role, site, cut and step."""
+    return {
+        "role": role,
+        "site": site,
+        "step": step,
+        "t_cut": fed.t_cut,
+        "client_fraction": fed.client_fraction,
+        "T": fed.T,
+        "config_fingerprint": fed.fingerprint(),
+        "federation": fed.to_json_dict(),
+        "model": (model.model_dump(mode="json") if model else None),
+    }
