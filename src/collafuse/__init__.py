@@ -1,1 +1,10 @@
-"""CollaFuse: split diffusion between private sites and a shared server."""
+"""CollaFuse: split diffusion between private sites and a shared server.
+
+The public sampling API (each half takes any ``eps_model(x_t, t) -> eps``):
+
+- :func:`collafuse.diffusion.server_sample`: the server's half, ``x_T`` to the hand-off ``x_tc``;
+- :func:`collafuse.diffusion.site_sample`: the site's half, ``x_tc`` to ``x_0``;
+- :func:`collafuse.diffusion.ddpm_sample`: the unsplit reference.
+"""
+
+__version__ = "0.1.0"

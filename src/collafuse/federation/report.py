@@ -1,0 +1,322 @@
+"""Evaluation of a finished run and its report: ``report.json``, sample grids and plots.
+
+Used by ``collafuse simulate`` and by the local service stack, so both write one schema.
+Every number in the report is computed here from the run's own tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import collafuse
+from collafuse.config import FederationConfig, RunConfig
+from collafuse.diffusion import EpsModel, disclose
+from collafuse.eval.classifier import classifier_info
+from collafuse.eval.quality import FeatureExtractor, domain_fid_kid, mean_pairwise_mse
+from collafuse.privacy import attacks
+from collafuse.privacy.accountant import account_cut
+from collafuse.schedule import Schedule
+from collafuse.training import atomic_write
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SiteOutcome:
+    """What the evaluator needs of one site (it sees everything; no site does)."""
+
+    site: str
+    classes: tuple[int, ...]
+    train_images: Tensor  # [N, C, H, W], the disclosed images' sources
+    heldout_images: Tensor  # [M, C, H, W]
+    disclosed: Tensor | None  # [N, C, H, W], what the server received (None: nothing sent)
+    handoffs: Tensor | None  # [S, C, H, W], the server's x_tc for this site's samples
+    samples: Tensor  # [S, C, H, W], finished at the site
+    compute_seconds: dict[str, float]
+    nfe: int
+    losses: list[float]
+
+
+@dataclass
+class ServerOutcome:
+    """The server's side of a run."""
+
+    eps_model_for_site: dict[str, EpsModel] | None  # site -> eps_model(x_t, t) with id bound
+    compute_seconds: dict[str, float]
+    nfe: int
+    losses: list[float]
+
+
+def _quality(real: Tensor, fake: Tensor, extractor: FeatureExtractor, seed: int) -> dict[str, Any]:
+    n = min(len(real), len(fake))
+    return domain_fid_kid(real, fake, extractor, kid_subsets=10,
+                          kid_subset_size=min(100, n), seed=seed)
+
+
+def _fresh_noised(schedule: Schedule, x0: Tensor, t_cut: int, seed: int) -> Tensor:
+    """Held-out images noised to the cut, as a site would have disclosed them."""
+    return disclose(schedule, x0, t_cut, torch.Generator().manual_seed(seed))
+
+
+def privacy_section(
+    fed: FederationConfig,
+    run: RunConfig,
+    schedule: Schedule,
+    sites: list[SiteOutcome],
+    server: ServerOutcome,
+    public: Tensor | None,
+    extractor: FeatureExtractor,
+) -> dict[str, Any]:
+    """Formal accounting plus the empirical attacks of METHOD.md §5, pooled over sites."""
+    exact_view = fed.upload_mode != "noise-revealed"
+    abar_tc = schedule.abar(fed.t_cut) if exact_view else 1.0
+    t_cut = fed.t_cut if exact_view else 0
+    acc = account_cut(schedule, t_cut, fed.pixels, fed.releases,
+                      labels_shared=fed.share_labels).to_dict()
+    section: dict[str, Any] = {
+        **acc,
+        "upload_mode": fed.upload_mode,
+        "disclosed_images": sum(len(s.disclosed) for s in sites if s.disclosed is not None),
+        "labels_shared": fed.share_labels,
+    }
+    if fed.upload_mode == "noise-revealed":
+        section["note"] = ("noise-revealed ablation: each upload carries its noise, so the "
+                           "server recovers x0 exactly; " + str(acc.get("note", "")))
+    disclosed = [s for s in sites if s.disclosed is not None]
+    if not disclosed:  # local-only: nothing left the sites
+        section.update(epsilon=0.0, epsilon_per_pixel=0.0, unbounded=False,
+                       reconstruction_psnr=None, reidentification_top1=None,
+                       reidentification_chance=None,
+                       note="client fraction 1: nothing is disclosed")
+        return section
+    x0 = torch.cat([s.train_images for s in disclosed])
+    x_tc = torch.cat([s.disclosed for s in disclosed if s.disclosed is not None])
+    heldout = torch.cat([s.heldout_images for s in disclosed])
+    section.update(_reconstruction(x0, x_tc, abar_tc, public, run, fed.seed))
+    section.update(_reidentification(x0, x_tc, heldout, abar_tc, run, fed.seed))
+    section["membership_inference"] = _membership(fed, schedule, disclosed, server)
+    section["published_measures"] = _published_measures(sites, extractor, fed.seed)
+    fresh = _fresh_noised(schedule, heldout, fed.t_cut, fed.seed + 7)
+    handoffs = [s.handoffs for s in sites if s.handoffs is not None]
+    section["memorisation"] = (
+        attacks.memorisation_distances(torch.cat(handoffs), x_tc, fresh)
+        if handoffs and exact_view else None
+    )
+    return section
+
+
+def _reconstruction(x0: Tensor, x_tc: Tensor, abar_tc: float, public: Tensor | None,
+                    run: RunConfig, seed: int) -> dict[str, Any]:
+    n = min(len(x0), 1000)
+    if abar_tc >= 1.0:  # raw images (or exactly recoverable ones) reached the server
+        rec = {"rescale_psnr": attacks.psnr(x_tc[:n], x0[:n]), "rescale_ssim": 1.0,
+               "denoiser_psnr": None, "denoiser_ssim": None, "images": n}
+    else:
+        denoiser = None
+        if public is not None and run.attack_steps > 0:
+            denoiser = attacks.train_public_denoiser(public, abar_tc, run.attack_steps, seed)
+        rec = attacks.reconstruction_report(x0[:n], x_tc[:n], abar_tc, denoiser)
+    rec["public_set"] = "Fashion-MNIST test split" if public is not None else None
+    best = max(v for v in (rec["rescale_psnr"], rec["denoiser_psnr"]) if v is not None)
+    return {"reconstruction_psnr": best, "reconstruction": rec}
+
+
+def _reidentification(x0: Tensor, x_tc: Tensor, heldout: Tensor, abar_tc: float,
+                      run: RunConfig, seed: int) -> dict[str, Any]:
+    pool = min(run.reid_pool, len(x0) // 2 + len(heldout))
+    probes = min(len(x0), max(1, pool // 2))
+    gen = torch.Generator().manual_seed(seed + 11)
+    idx = torch.randperm(len(x0), generator=gen)
+    probe_idx, rest = idx[:probes], idx[probes:]
+    distractors = torch.cat([x0[rest], heldout])
+    reid = attacks.reidentification_report(x0[probe_idx], x_tc[probe_idx], distractors,
+                                           abar_tc, pool_size=pool, seed=seed)
+    return {"reidentification_top1": reid["top1"], "reidentification_chance": reid["chance"],
+            "reidentification": reid}
+
+
+def _membership(fed: FederationConfig, schedule: Schedule, sites: list[SiteOutcome],
+                server: ServerOutcome) -> dict[str, Any] | None:
+    """Server denoising loss on members (uploads) against non-members (held-out, noised)."""
+    if server.eps_model_for_site is None or fed.upload_mode != "exact" or fed.t_cut == 0:
+        return None
+    members, others = [], []
+    for k, s in enumerate(sites):
+        if s.disclosed is None:
+            continue
+        n = min(len(s.disclosed), len(s.heldout_images), 300)
+        eps_model = server.eps_model_for_site[s.site]
+        fresh = _fresh_noised(schedule, s.heldout_images[:n], fed.t_cut, fed.seed + 13 + k)
+        members.append(attacks.server_denoising_losses(eps_model, schedule, s.disclosed[:n],
+                                                       fed.t_cut, seed=fed.seed + k))
+        others.append(attacks.server_denoising_losses(eps_model, schedule, fresh, fed.t_cut,
+                                                      seed=fed.seed + k))
+    return attacks.membership_inference(torch.cat(members), torch.cat(others))
+
+
+def _published_measures(sites: list[SiteOutcome], extractor: FeatureExtractor,
+                        seed: int) -> dict[str, Any]:
+    """The published system's disclosure measures: KID and mean pairwise MSE between the
+    server's hand-offs and each site's data."""
+    out: dict[str, Any] = {}
+    for s in sites:
+        if s.handoffs is None:
+            continue
+        q = _quality(s.train_images, s.handoffs.clamp(-1, 1), extractor, seed)
+        out[s.site] = {"kid_handoff_vs_data": q["kid"],
+                       "mse_handoff_vs_data": mean_pairwise_mse(s.handoffs, s.train_images)}
+    return out
+
+
+def build_report(
+    fed: FederationConfig,
+    run: RunConfig,
+    schedule: Schedule,
+    sites: list[SiteOutcome],
+    server: ServerOutcome,
+    *,
+    public: Tensor | None,
+    ledger: dict[str, Any],
+    grid: list[int] | None,
+    wall_seconds: float,
+    extractor: FeatureExtractor | None = None,
+) -> dict[str, Any]:
+    """The run's report (see README, "report.json")."""
+    extractor = extractor or FeatureExtractor()
+    site_rows = []
+    for s in sites:
+        site_rows.append({
+            "site": s.site,
+            "classes": list(s.classes),
+            "n_train": len(s.train_images),
+            "n_heldout": len(s.heldout_images),
+            "quality": _quality(s.heldout_images, s.samples, extractor, fed.seed),
+            "compute_seconds": s.compute_seconds,
+            "nfe": s.nfe,
+            "final_loss": _tail_mean(s.losses),
+            "bytes_uploaded": ledger["uploaded_by_site"].get(s.site, 0),
+            "bytes_downloaded": ledger["downloaded_by_site"].get(s.site, 0),
+        })
+    real = torch.cat([s.heldout_images for s in sites])
+    fake = torch.cat([s.samples for s in sites])
+    n_site_steps = fed.t_cut if grid is None else len(grid) - 1 - grid.index(fed.t_cut)
+    n_server_steps = fed.T - fed.t_cut if grid is None else grid.index(fed.t_cut)
+    n_disclosed = sum(len(s.disclosed) for s in sites if s.disclosed is not None)
+    upload_bytes = sum(ledger["uploaded_by_site"].values())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "collafuse_version": collafuse.__version__,
+        "config": {
+            "client_fraction": fed.client_fraction,
+            "t_cut": fed.t_cut,
+            "T": fed.T,
+            "schedule": fed.schedule,
+            "upload_mode": fed.upload_mode,
+            "federation": fed.to_json_dict(),
+            "run": run.to_json_dict(),
+            "config_fingerprint": fed.fingerprint(),
+        },
+        "sites": site_rows,
+        "pooled": {"quality": _quality(real, fake, extractor, fed.seed)},
+        "privacy": privacy_section(fed, run, schedule, sites, server, public, extractor),
+        "cost": {
+            "site_nfe_per_sample": n_site_steps,
+            "server_nfe_per_sample": n_server_steps,
+            "site_share_of_steps": n_site_steps / max(1, n_site_steps + n_server_steps),
+            "upload_bytes_per_image": upload_bytes / n_disclosed if n_disclosed else 0.0,
+            "compute_seconds": {
+                "sites": {s.site: s.compute_seconds for s in sites},
+                "server": server.compute_seconds,
+            },
+            "server_nfe": server.nfe,
+            "bytes": ledger,
+        },
+        "training": {
+            "server_final_loss": _tail_mean(server.losses),
+            "server_steps": len(server.losses),
+            "site_steps": {s.site: len(s.losses) for s in sites},
+        },
+        "feature_extractor": {"name": "collafuse Fashion-MNIST classifier (penultimate layer)",
+                              **classifier_info()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _tail_mean(losses: list[float], k: int = 50) -> float | None:
+    tail = losses[-k:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_report(out: Path, report: dict[str, Any], sites: list[SiteOutcome],
+                 losses: dict[str, list[float]]) -> None:
+    """``report.json`` (atomic, no NaN/inf), a sample grid per site and the plots."""
+    blob = json.dumps(_json_safe(report), indent=2, allow_nan=False).encode()
+    atomic_write(out / "report.json", blob)
+    for s in sites:
+        save_grid(out / f"samples_{s.site}.png", s.samples[:64], title=f"{s.site} samples")
+    save_loss_plot(out / "losses.png", losses)
+
+
+def save_grid(path: Path, images: Tensor, title: str = "", ncol: int = 8) -> None:
+    """A PNG grid of ``images [N, 1, H, W]`` in [-1, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    nrow = max(1, math.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol, nrow + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(((images[i, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_loss_plot(path: Path, losses: dict[str, list[float]]) -> None:
+    """Training loss curves (moving average of 25 steps) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in losses.items():
+        if not values:
+            continue
+        v = torch.tensor(values)
+        k = min(25, len(v))
+        smooth = torch.nn.functional.avg_pool1d(v.view(1, 1, -1), k, stride=1).view(-1)
+        ax.plot(range(k - 1, len(v)), smooth.numpy(), label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (MSE on noise)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
