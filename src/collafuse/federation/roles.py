@@ -125,9 +125,9 @@ class Server:
 
     def ingest(self, message: Disclosure, n_images: int) -> bool:
         """Validate and keep a disclosure; returns False for a replay of the same bytes."""
+        self.fed.site_index(message.site)  # unknown site -> KeyError
         if message.key in self.received:
             return False
-        self.fed.site_index(message.site)  # unknown site -> KeyError
         spec = TensorSpec((n_images, *self.fed.image_shape))
         expect = {"x_tc": spec} if self.fed.upload_mode != "noise-revealed" else None
         if expect is not None and self.fed.share_labels:

@@ -1,0 +1,148 @@
+"""The in-process federation: disclosures, byte accounting, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from collafuse.cli import main
+from collafuse.config import FederationConfig, ModelConfig, RunConfig
+from collafuse.data import DEFAULT_FMNIST_DIR, Dataset, has_idx_files
+from collafuse.diffusion import disclose
+from collafuse.federation.messages import ByteLedger, Disclosure, HandOff
+from collafuse.federation.roles import Server, Site
+from collafuse.schedule import make_schedule
+
+TINY = ModelConfig(base_channels=8, channel_mults=(1, 2))
+
+
+def tiny_run(**fed: object) -> RunConfig:
+    federation = FederationConfig(T=10, client_fraction=0.5, site_model=TINY, server_model=TINY,
+                                  **fed)  # type: ignore[arg-type]
+    return RunConfig(federation=federation, images_per_site=40, site_train_steps=2,
+                     server_train_steps=2, batch_size=8, samples_per_site=12,
+                     sample_batch_size=24, reid_pool=20, attack_steps=2, torch_threads=1)
+
+
+def toy_data(n: int = 30) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1,
+                   torch.randint(0, 10, (n,), generator=g), 10, "toy")
+
+
+def make_site(run: RunConfig, state_dir: Path) -> Site:
+    data = toy_data()
+    schedule = make_schedule(run.federation.schedule, run.federation.T)
+    return Site("site-0", run.federation, run, schedule, data, data.subset(torch.arange(5)),
+                state_dir)
+
+
+def test_disclosure_noise_is_site_secret_and_resent_unchanged(tmp_path: Path) -> None:
+    run = tiny_run()
+    a, b = make_site(run, tmp_path / "a"), make_site(run, tmp_path / "b")
+    first = a.disclosure()
+    # Same shared config, same data: a different site-secret draw.
+    assert first.payload != b.disclosure().payload
+    # Nothing in the shared config reproduces the upload.
+    fed = run.federation
+    schedule = make_schedule(fed.schedule, fed.T)
+    x_tc = first.tensors()["x_tc"]
+    for seed in (fed.seed, fed.seed + 1, fed.seed + 1000, fed.seed + 2000):
+        guess = disclose(schedule, a.train_data.images, fed.t_cut,
+                         torch.Generator().manual_seed(seed))
+        assert not torch.allclose(guess, x_tc)
+    # Stored before sending; a retry or a restart re-sends the very same bytes.
+    assert (tmp_path / "a" / "disclosure.safetensors").read_bytes() == first.payload
+    restarted = make_site(run, tmp_path / "a")
+    assert restarted.disclosure().payload == first.payload
+    assert restarted.disclosure().key == first.key
+
+
+def test_disclosure_is_noised_to_the_cut(tmp_path: Path) -> None:
+    run = tiny_run()
+    site = make_site(run, tmp_path)
+    x_tc = site.disclosure().tensors()["x_tc"]
+    abar = make_schedule("cosine", 10).abar(run.federation.t_cut)
+    residual = x_tc - math.sqrt(abar) * site.train_data.images
+    assert abs(residual.std().item() - math.sqrt(1 - abar)) < 0.02
+
+
+def test_server_ingest_is_idempotent_and_validates(tmp_path: Path) -> None:
+    run = tiny_run()
+    site = make_site(run, tmp_path / "s")
+    server = Server(run.federation, run, make_schedule("cosine", 10), tmp_path / "server")
+    message = site.disclosure()
+    assert server.ingest(message, 30) is True
+    assert server.ingest(message, 30) is False  # a replay stores nothing new
+    assert len(server.received) == 1
+    with pytest.raises(KeyError, match="unknown site 'site-9'"):
+        server.ingest(Disclosure("site-9", message.payload + b""), 30)
+    bad = Disclosure.build("site-0", {"x_tc": torch.zeros(30, 1, 27, 28)}, "x")
+    with pytest.raises(ValueError, match="shape"):
+        server.ingest(bad, 30)
+    assert len(server.received) == 1
+
+
+def test_byte_accounting_counts_encoded_messages() -> None:
+    ledger = ByteLedger()
+    x = torch.zeros(5, 1, 28, 28)
+    h = HandOff.build("site-0", x)
+    ledger.down("site-0", "handoff", len(h.payload))
+    ledger.up("site-0", "disclosure", 1000)
+    assert ledger.to_dict()["downloaded_by_site"] == {"site-0": len(h.payload)}
+    assert len(h.payload) >= 5 * 28 * 28 * 4  # float32 on the wire, plus a small header
+    assert len(h.payload) < 5 * 28 * 28 * 4 + 512
+    assert len(HandOff.build("site-0", x, fp16=True).payload) < len(h.payload) * 0.6
+    assert ledger.to_dict()["by_kind"] == {"handoff": len(h.payload), "disclosure": 1000}
+
+
+def fmnist_available() -> bool:
+    root = Path(os.environ.get("COLLAFUSE_DATA", DEFAULT_FMNIST_DIR))
+    ok = has_idx_files(root)
+    if not ok and os.environ.get("CI") == "true":
+        pytest.fail(f"Fashion-MNIST idx files missing under {root} (CI must install them)")
+    return ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", ["0.5", "1", "0"])
+def test_tiny_simulate_end_to_end(tmp_path: Path, c: str) -> None:
+    if not fmnist_available():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(tiny_run().to_json_dict()))
+    out = tmp_path / "out"
+    extra = ["--centralized"] if c == "0" else []
+    code = main(["simulate", "--config", str(cfg), "--out", str(out), "--client-fraction", c,
+                 "--quiet", *extra])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    cfg_r, priv, cost = report["config"], report["privacy"], report["cost"]
+    assert cfg_r["client_fraction"] == float(c) and cfg_r["T"] == 10
+    assert cfg_r["t_cut"] == round(float(c) * 10)
+    assert len(report["sites"]) == 3
+    for s in report["sites"]:
+        assert math.isfinite(s["quality"]["fid"]) and s["quality"]["n_fake"] == 12
+        assert (out / f"samples_{s['site']}.png").stat().st_size > 0
+    assert math.isfinite(report["pooled"]["quality"]["fid"])
+    assert cost["site_nfe_per_sample"] == cfg_r["t_cut"]
+    assert cost["server_nfe_per_sample"] == 10 - cfg_r["t_cut"]
+    assert priv["delta"] == 1e-5 and "gaussian-dp" in priv["accountant"]
+    if c == "0.5":
+        assert priv["epsilon"] > priv["epsilon_per_pixel"] > 0
+        assert 0 < priv["reidentification_chance"] < priv["reidentification_top1"] <= 1
+        assert priv["reconstruction_psnr"] > 0
+        assert cost["upload_bytes_per_image"] > 28 * 28 * 4
+        assert priv["membership_inference"]["members"] > 0
+    elif c == "1":
+        assert priv["epsilon"] == 0.0 and priv["disclosed_images"] == 0
+        assert cost["upload_bytes_per_image"] == 0.0
+    else:
+        assert priv["epsilon"] is None and priv["unbounded"] is True
+    assert (out / "config.json").exists() and (out / "losses.png").exists()
+    assert not out.with_name("out.partial").exists()
