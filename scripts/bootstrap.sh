@@ -36,6 +36,19 @@ install_python() {
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
 }
 
+install_s3rver() {
+  # npm's s3rver (pinned) into .cache/node: the store tests' S3 server that refuses unknown keys.
+  if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  if command -v npm >/dev/null 2>&1; then
+    bash scripts/s3rver.sh install >/dev/null
+  else
+    log "npm not found: the s3rver store tests skip locally and FAIL under CI=true"
+  fi
+}
+
 install_apt
 install_python
+install_s3rver
 log "ready: $VENV"

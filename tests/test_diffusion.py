@@ -43,7 +43,10 @@ def site_predictor(schedule: Schedule) -> EpsModel:
 
 
 def server_predictor(schedule: Schedule, t_cut: int) -> EpsModel:
-    """``E[eps' | x_t]`` for the server's data ``x_tc ~ N(sqrt(abar_tc) mu, abar_tc s^2 + 1 - abar_tc)``."""
+    """``E[eps' | x_t]`` for the server's data.
+
+    ``x_tc ~ N(sqrt(abar_tc) mu, abar_tc s^2 + 1 - abar_tc)``.
+    """
     ab_c = schedule.abar(t_cut)
     m, v = math.sqrt(ab_c) * MU, ab_c * S**2 + 1 - ab_c
 
@@ -55,7 +58,10 @@ def server_predictor(schedule: Schedule, t_cut: int) -> EpsModel:
 
 
 def renoise_server_predictor(schedule: Schedule, t_cut: int) -> EpsModel:
-    """Optimal predictor of the renoise objective: ``x = sqrt(abar_t) x_tc + sqrt(1-abar_t) eps'``."""
+    """Optimal predictor of the renoise objective.
+
+    ``x = sqrt(abar_t) x_tc + sqrt(1 - abar_t) eps'``.
+    """
     ab_c = schedule.abar(t_cut)
     m, v = math.sqrt(ab_c) * MU, ab_c * S**2 + 1 - ab_c
 
@@ -72,9 +78,7 @@ def unsplit(schedule: Schedule, seed: int, grid: list[int] | None = None) -> tor
     return ddpm_sample(site_predictor(schedule), schedule, x_T, g, grid=grid)
 
 
-def split(
-    schedule: Schedule, t_cut: int, seed: int, grid: list[int] | None = None
-) -> torch.Tensor:
+def split(schedule: Schedule, t_cut: int, seed: int, grid: list[int] | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x_T = sample_prior(SHAPE, g, dtype=torch.float64)
     x_tc = server_sample(server_predictor(schedule, t_cut), schedule, t_cut, x_T, g, grid=grid)
@@ -132,8 +136,14 @@ def test_renoise_ablation_departs_from_unsplit(start: str) -> None:
     predictor = renoise_server_predictor(schedule, t_cut)
     x_tc = server_sample(predictor, schedule, t_cut, x_T, g, upload_mode="renoise")
     out = site_sample(
-        site_predictor(schedule), schedule, t_cut, x_tc, g, upload_mode="renoise",
-        client_fraction=c, renoise_start=start,  # type: ignore[arg-type]
+        site_predictor(schedule),
+        schedule,
+        t_cut,
+        x_tc,
+        g,
+        upload_mode="renoise",
+        client_fraction=c,
+        renoise_start=start,  # type: ignore[arg-type]
     )
     assert renoise_start_step(t_cut, T, c) == 75
     assert abs(ref.mean().item() - 0.301) < 0.005  # METHOD.md's unsplit value
@@ -171,8 +181,13 @@ def test_exact_conditional_composes_with_disclosure() -> None:
     assert math.isclose(noise_var, 1 - ab_t, rel_tol=1e-12)
     x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     one = torch.ones_like(x0)
-    x_t = q_sample_from_cut(schedule, q_sample(schedule, x0 + 1, torch.tensor([t_cut]), 0 * one),
-                            t_cut, torch.tensor([t]), 0 * one)
+    x_t = q_sample_from_cut(
+        schedule,
+        q_sample(schedule, x0 + 1, torch.tensor([t_cut]), 0 * one),
+        t_cut,
+        torch.tensor([t]),
+        0 * one,
+    )
     assert math.isclose(x_t.item(), math.sqrt(ab_t), rel_tol=1e-12)
 
 
@@ -205,10 +220,16 @@ def test_server_loss_is_minimised_by_the_closed_form_predictor() -> None:
     g = torch.Generator().manual_seed(7)
     x0 = MU + S * torch.randn(20000, 1, 2, 2, generator=g, dtype=torch.float64)
     x_tc = disclose(schedule, x0, t_cut, g)
-    best = server_loss(server_predictor(schedule, t_cut), schedule, x_tc, t_cut,
-                       torch.Generator().manual_seed(8))
-    wrong = server_loss(renoise_server_predictor(schedule, t_cut), schedule, x_tc, t_cut,
-                        torch.Generator().manual_seed(8))
+    best = server_loss(
+        server_predictor(schedule, t_cut), schedule, x_tc, t_cut, torch.Generator().manual_seed(8)
+    )
+    wrong = server_loss(
+        renoise_server_predictor(schedule, t_cut),
+        schedule,
+        x_tc,
+        t_cut,
+        torch.Generator().manual_seed(8),
+    )
     assert best.item() < wrong.item()
 
 

@@ -33,33 +33,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_simulate(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="run a whole federation in one process",
-                       description="Run N sites and the server in one process, end to end.")
-    p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty)")
+    p = sub.add_parser(
+        "simulate",
+        help="run a whole federation in one process",
+        description="Run N sites and the server in one process, end to end.",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output directory (must be new or empty)"
+    )
     p.add_argument("--sites", type=int, help="number of sites (default 3)")
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--client-fraction", type=float, help="share c of the T steps run at the site")
     cut.add_argument("--t-cut", type=int, help="the cut step t_c directly (0..T)")
-    p.add_argument("--centralized", action="store_true",
-                   help="allow c = 0 / t_cut = 0: the server sees raw images (a baseline)")
+    p.add_argument(
+        "--centralized",
+        action="store_true",
+        help="allow c = 0 / t_cut = 0: the server sees raw images (a baseline)",
+    )
     p.add_argument("--T", dest="T", type=int, help="diffusion steps (default 100)")
     p.add_argument("--schedule", choices=["cosine", "linear"])
-    p.add_argument("--upload-mode", choices=["exact", "renoise", "noise-revealed"],
-                   help="exact (default) or a published formulation, as an ablation")
+    p.add_argument(
+        "--upload-mode",
+        choices=["exact", "renoise", "noise-revealed"],
+        help="exact (default) or a published formulation, as an ablation",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps per model (site and server)")
     p.add_argument("--site-steps", type=int, help="optimizer steps per site model")
     p.add_argument("--server-steps", type=int, help="optimizer steps of the server model")
     p.add_argument("--time-budget", type=float, help="seconds of training per model (a cap)")
     p.add_argument("--seed", type=int, help="shared seed (never used for disclosure noise)")
-    p.add_argument("--data", help="Fashion-MNIST idx folder, .npz or image folder "
-                   "(default: Debian's dataset-fashion-mnist or $COLLAFUSE_DATA)")
+    p.add_argument(
+        "--data",
+        help="Fashion-MNIST idx folder, .npz or image folder "
+        "(default: Debian's dataset-fashion-mnist or $COLLAFUSE_DATA)",
+    )
     p.add_argument("--partition", choices=["iid", "label-skew", "dirichlet"])
     p.add_argument("--classes-per-site", type=int)
     p.add_argument("--alpha", type=float, help="Dirichlet concentration")
     p.add_argument("--images-per-site", type=int)
     p.add_argument("--samples-per-site", type=int)
-    p.add_argument("--sample-steps", type=int, nargs=2, metavar=("SERVER", "SITE"),
-                   help="respaced sampling: steps on each side of the cut")
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        nargs=2,
+        metavar=("SERVER", "SITE"),
+        help="respaced sampling: steps on each side of the cut",
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
@@ -80,8 +99,12 @@ def build_run_config(args: argparse.Namespace) -> Any:
             raise UsageError(f"cannot read --config {args.config}: {e}") from None
     fed = dict(base.get("federation", {}))
     flag_fed = {
-        "client_fraction": args.client_fraction, "t_cut": args.t_cut, "T": args.T,
-        "schedule": args.schedule, "upload_mode": args.upload_mode, "seed": args.seed,
+        "client_fraction": args.client_fraction,
+        "t_cut": args.t_cut,
+        "T": args.T,
+        "schedule": args.schedule,
+        "upload_mode": args.upload_mode,
+        "seed": args.seed,
     }
     if args.t_cut is not None:
         fed.pop("client_fraction", None)
@@ -96,10 +119,14 @@ def build_run_config(args: argparse.Namespace) -> Any:
         fed["sites"] = [f"site-{i}" for i in range(args.sites)]
     run = dict(base)
     flag_run = {
-        "data": args.data, "partition": args.partition,
-        "classes_per_site": args.classes_per_site, "dirichlet_alpha": args.alpha,
-        "images_per_site": args.images_per_site, "samples_per_site": args.samples_per_site,
-        "batch_size": args.batch_size, "torch_threads": args.threads,
+        "data": args.data,
+        "partition": args.partition,
+        "classes_per_site": args.classes_per_site,
+        "dirichlet_alpha": args.alpha,
+        "images_per_site": args.images_per_site,
+        "samples_per_site": args.samples_per_site,
+        "batch_size": args.batch_size,
+        "torch_threads": args.threads,
         "time_budget_s": args.time_budget,
         "site_train_steps": args.site_steps if args.site_steps is not None else args.steps,
         "server_train_steps": args.server_steps if args.server_steps is not None else args.steps,
@@ -150,14 +177,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     fed = run.federation
     if data.shape != tuple(fed.image_shape):
-        raise UsageError(f"data images are {data.shape}; the federation expects "
-                         f"{tuple(fed.image_shape)}")
+        raise UsageError(
+            f"data images are {data.shape}; the federation expects {tuple(fed.image_shape)}"
+        )
     partial = args.out.with_name(args.out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    print(f"collafuse simulate: {fed.n_sites} sites, T={fed.T}, client_fraction="
-          f"{fed.client_fraction:g}, t_cut={fed.t_cut}, upload_mode={fed.upload_mode}; "
-          f"writing {args.out}", file=sys.stderr)
+    print(
+        f"collafuse simulate: {fed.n_sites} sites, T={fed.T}, client_fraction="
+        f"{fed.client_fraction:g}, t_cut={fed.t_cut}, upload_mode={fed.upload_mode}; "
+        f"writing {args.out}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     result = simulate(run, partial, data=data, progress=not args.quiet)
     if args.out.exists():
@@ -174,18 +205,24 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
     print(f"  cut: client_fraction={cfg['client_fraction']:g} t_cut={cfg['t_cut']} T={cfg['T']}")
     for s in report["sites"]:
         q = s["quality"]
-        print(f"  {s['site']}: FID {q['fid']:.2f}  KID {q['kid']:.4f}  "
-              f"(n_real={q['n_real']}, n_fake={q['n_fake']})")
+        print(
+            f"  {s['site']}: FID {q['fid']:.2f}  KID {q['kid']:.4f}  "
+            f"(n_real={q['n_real']}, n_fake={q['n_fake']})"
+        )
     print(f"  pooled FID {report['pooled']['quality']['fid']:.2f}")
     eps = priv.get("epsilon")
     eps_px = priv.get("epsilon_per_pixel")
-    print(f"  privacy: epsilon whole-image {_fmt(eps)}, per-pixel {_fmt(eps_px)} "
-          f"at delta={priv.get('delta')}; re-identification top-1 "
-          f"{_fmt(priv.get('reidentification_top1'))} (chance "
-          f"{_fmt(priv.get('reidentification_chance'))}); reconstruction PSNR "
-          f"{_fmt(priv.get('reconstruction_psnr'))} dB")
-    print(f"  cost: site NFE/sample {cost['site_nfe_per_sample']}, server NFE/sample "
-          f"{cost['server_nfe_per_sample']}, upload {cost['upload_bytes_per_image']:.0f} B/image")
+    print(
+        f"  privacy: epsilon whole-image {_fmt(eps)}, per-pixel {_fmt(eps_px)} "
+        f"at delta={priv.get('delta')}; re-identification top-1 "
+        f"{_fmt(priv.get('reidentification_top1'))} (chance "
+        f"{_fmt(priv.get('reidentification_chance'))}); reconstruction PSNR "
+        f"{_fmt(priv.get('reconstruction_psnr'))} dB"
+    )
+    print(
+        f"  cost: site NFE/sample {cost['site_nfe_per_sample']}, server NFE/sample "
+        f"{cost['server_nfe_per_sample']}, upload {cost['upload_bytes_per_image']:.0f} B/image"
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -212,8 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     try:
         args = make_parser().parse_args(argv)
-        logging.basicConfig(level=str(args.log_level).upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=str(args.log_level).upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         return int(args.handler(args))
     except UsageError as e:
         print(f"collafuse: error: {e}", file=sys.stderr)

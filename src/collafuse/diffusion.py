@@ -10,6 +10,7 @@ Conventions: ``t_c`` (``t_cut``) is the cut; the site owns ``t = 1..t_c``, the s
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -176,7 +177,8 @@ def make_grid(
 
 
 def split_grid(grid: Sequence[int], t_cut: int) -> tuple[list[int], list[int]]:
-    """Split a descending grid at ``t_cut`` into the server's and the site's parts (both keep it)."""
+    """Split a descending grid at ``t_cut`` into the server's and the site's parts (both keep
+    ``t_cut``)."""
     grid = list(grid)
     if t_cut not in grid or grid[-1] != 0 or grid != sorted(set(grid), reverse=True):
         raise ValueError("grid must be strictly descending, end at 0 and contain t_cut")
@@ -208,7 +210,7 @@ def denoise(
     abar = schedule.alphas_cumprod
     abar_ref = float(abar[ref_t])
     n = x.shape[0]
-    for t, s in zip(timesteps[:-1], timesteps[1:], strict=True):
+    for t, s in itertools.pairwise(timesteps):
         if not t > s >= ref_t:
             raise ValueError(f"bad step {t} -> {s} (reference level {ref_t})")
         abar_t, abar_s = float(abar[t]), float(abar[s])

@@ -50,7 +50,7 @@ def bind(model: torch.nn.Module, y: Tensor | None) -> EpsModel:
     """``eps_model(x_t, t)`` with the condition ``y`` ``[N]`` (or none) bound."""
 
     def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
-        return model(x_t, t, y)  # type: ignore[no-any-return]
+        return model(x_t, t, y)
 
     return eps_model
 
@@ -152,8 +152,9 @@ def train_site(
         y = labels[idx] if (labels is not None and fed.site_labels) else None
         return site_loss(bind(trainer.model, y), schedule, images[idx], fed.t_cut, g)
 
-    return _train(trainer, len(images), loss_fn, steps, batch_size, generator, time_budget_s,
-                  "site", progress)
+    return _train(
+        trainer, len(images), loss_fn, steps, batch_size, generator, time_budget_s, "site", progress
+    )
 
 
 def train_server(
@@ -176,11 +177,13 @@ def train_server(
 
     def loss_fn(idx: Tensor, g: torch.Generator) -> Tensor:
         y = site_ids[idx] if fed.server_conditioning == "site" else None
-        return server_loss(bind(trainer.model, y), schedule, x_tc[idx], fed.t_cut, g,
-                           fed.upload_mode)
+        return server_loss(
+            bind(trainer.model, y), schedule, x_tc[idx], fed.t_cut, g, fed.upload_mode
+        )
 
-    return _train(trainer, len(x_tc), loss_fn, steps, batch_size, generator, time_budget_s,
-                  "server", progress)
+    return _train(
+        trainer, len(x_tc), loss_fn, steps, batch_size, generator, time_budget_s, "server", progress
+    )
 
 
 def make_disclosure(
@@ -200,8 +203,9 @@ def make_disclosure(
     return {"x_t": abar.sqrt() * x0 + (1 - abar).sqrt() * eps, "eps": eps, "t": t}
 
 
-def server_training_set(fed: FederationConfig, schedule: Schedule,
-                        disclosure: dict[str, Tensor]) -> Tensor:
+def server_training_set(
+    fed: FederationConfig, schedule: Schedule, disclosure: dict[str, Tensor]
+) -> Tensor:
     """The server's training images from one disclosure (``x_tc``, or ``x0`` recovered
     exactly in the noise-revealed ablation)."""
     if fed.upload_mode != "noise-revealed":
@@ -210,8 +214,9 @@ def server_training_set(fed: FederationConfig, schedule: Schedule,
     return (disclosure["x_t"] - (1 - abar).sqrt() * disclosure["eps"]) / abar.sqrt()
 
 
-def sampling_grid(fed: FederationConfig, server_steps: int | None,
-                  site_steps: int | None) -> list[int] | None:
+def sampling_grid(
+    fed: FederationConfig, server_steps: int | None, site_steps: int | None
+) -> list[int] | None:
     """The respaced grid, or None for every step."""
     if server_steps is None and site_steps is None:
         return None
@@ -232,8 +237,9 @@ def server_handoffs(
     conditioned on ``site_ids[i]`` (requests of several sites share every forward pass)."""
     x_T = sample_prior((len(site_ids), *fed.image_shape), generator)
     y = site_ids if fed.server_conditioning == "site" else None
-    return server_sample(bind(model, y), schedule, fed.t_cut, x_T, generator, grid=grid,
-                         upload_mode=fed.upload_mode)
+    return server_sample(
+        bind(model, y), schedule, fed.t_cut, x_T, generator, grid=grid, upload_mode=fed.upload_mode
+    )
 
 
 @torch.no_grad()
@@ -250,9 +256,17 @@ def site_finish(
 ) -> Tensor:
     """The site's half: hand-offs ``x_tc [N, C, H, W]`` to images ``x0``, clamped to [-1, 1]."""
     y = labels if fed.site_labels else None
-    x0 = site_sample(bind(model, y), schedule, fed.t_cut, x_tc, generator, grid=grid,
-                     clip_x0=clip_x0, upload_mode=fed.upload_mode,
-                     client_fraction=fed.client_fraction)
+    x0 = site_sample(
+        bind(model, y),
+        schedule,
+        fed.t_cut,
+        x_tc,
+        generator,
+        grid=grid,
+        clip_x0=clip_x0,
+        upload_mode=fed.upload_mode,
+        client_fraction=fed.client_fraction,
+    )
     return x0.clamp(-1, 1)
 
 
@@ -267,7 +281,8 @@ def model_from_bytes(data: bytes, model: torch.nn.Module) -> dict[str, Any]:
     model.load_state_dict(load(data))
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
-    return json.loads(header.get("__metadata__", {}).get("collafuse", "{}"))  # type: ignore[no-any-return]
+    meta: dict[str, Any] = json.loads(header.get("__metadata__", {}).get("collafuse", "{}"))
+    return meta
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -285,8 +300,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def checkpoint_meta(fed: FederationConfig, role: str, step: int, site: str | None = None,
-                    model: ModelConfig | None = None) -> dict[str, Any]:
+def checkpoint_meta(
+    fed: FederationConfig,
+    role: str,
+    step: int,
+    site: str | None = None,
+    model: ModelConfig | None = None,
+) -> dict[str, Any]:
     """What every checkpoint carries: config, role, site, cut and step."""
     return {
         "role": role,

@@ -33,7 +33,9 @@ class UNetSpec:
 
     def __post_init__(self) -> None:
         if self.base_channels < 4 or self.base_channels % 4:
-            raise ValueError(f"base_channels must be a multiple of 4 >= 4, got {self.base_channels}")
+            raise ValueError(
+                f"base_channels must be a multiple of 4 >= 4, got {self.base_channels}"
+            )
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError(f"channel_mults must be positive, got {self.channel_mults}")
         if self.num_res_blocks < 1:
@@ -99,7 +101,9 @@ class UNet(nn.Module):
         self.spec, self.num_classes = spec, num_classes
         ch = spec.base_channels
         emb_dim = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
         self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
 
@@ -113,7 +117,9 @@ class UNet(nn.Module):
                 c = w
                 skip_widths.append(c)
             last = level == len(widths) - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
+            self.downsample.append(
+                nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1)
+            )
             if not last:
                 skip_widths.append(c)
         self.mid1 = ResBlock(c, c, emb_dim)

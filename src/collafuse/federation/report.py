@@ -57,8 +57,9 @@ class ServerOutcome:
 
 def _quality(real: Tensor, fake: Tensor, extractor: FeatureExtractor, seed: int) -> dict[str, Any]:
     n = min(len(real), len(fake))
-    return domain_fid_kid(real, fake, extractor, kid_subsets=10,
-                          kid_subset_size=min(100, n), seed=seed)
+    return domain_fid_kid(
+        real, fake, extractor, kid_subsets=10, kid_subset_size=min(100, n), seed=seed
+    )
 
 
 def _fresh_noised(schedule: Schedule, x0: Tensor, t_cut: int, seed: int) -> Tensor:
@@ -79,8 +80,9 @@ def privacy_section(
     exact_view = fed.upload_mode != "noise-revealed"
     abar_tc = schedule.abar(fed.t_cut) if exact_view else 1.0
     t_cut = fed.t_cut if exact_view else 0
-    acc = account_cut(schedule, t_cut, fed.pixels, fed.releases,
-                      labels_shared=fed.share_labels).to_dict()
+    acc = account_cut(
+        schedule, t_cut, fed.pixels, fed.releases, labels_shared=fed.share_labels
+    ).to_dict()
     section: dict[str, Any] = {
         **acc,
         "upload_mode": fed.upload_mode,
@@ -88,14 +90,21 @@ def privacy_section(
         "labels_shared": fed.share_labels,
     }
     if fed.upload_mode == "noise-revealed":
-        section["note"] = ("noise-revealed ablation: each upload carries its noise, so the "
-                           "server recovers x0 exactly; " + str(acc.get("note", "")))
+        section["note"] = (
+            "noise-revealed ablation: each upload carries its noise, so the "
+            "server recovers x0 exactly; " + str(acc.get("note", ""))
+        )
     disclosed = [s for s in sites if s.disclosed is not None]
     if not disclosed:  # local-only: nothing left the sites
-        section.update(epsilon=0.0, epsilon_per_pixel=0.0, unbounded=False,
-                       reconstruction_psnr=None, reidentification_top1=None,
-                       reidentification_chance=None,
-                       note="client fraction 1: nothing is disclosed")
+        section.update(
+            epsilon=0.0,
+            epsilon_per_pixel=0.0,
+            unbounded=False,
+            reconstruction_psnr=None,
+            reidentification_top1=None,
+            reidentification_chance=None,
+            note="client fraction 1: nothing is disclosed",
+        )
         return section
     x0 = torch.cat([s.train_images for s in disclosed])
     x_tc = torch.cat([s.disclosed for s in disclosed if s.disclosed is not None])
@@ -108,43 +117,61 @@ def privacy_section(
     handoffs = [s.handoffs for s in sites if s.handoffs is not None]
     section["memorisation"] = (
         attacks.memorisation_distances(torch.cat(handoffs), x_tc, fresh)
-        if handoffs and exact_view else None
+        if handoffs and exact_view
+        else None
     )
     return section
 
 
-def _reconstruction(x0: Tensor, x_tc: Tensor, abar_tc: float, public: Tensor | None,
-                    run: RunConfig, seed: int) -> dict[str, Any]:
+def _reconstruction(
+    x0: Tensor, x_tc: Tensor, abar_tc: float, public: Tensor | None, run: RunConfig, seed: int
+) -> dict[str, Any]:
     n = min(len(x0), 1000)
+    rec: dict[str, Any]
     if abar_tc >= 1.0:  # raw images (or exactly recoverable ones) reached the server
-        rec = {"rescale_psnr": attacks.psnr(x_tc[:n], x0[:n]), "rescale_ssim": 1.0,
-               "denoiser_psnr": None, "denoiser_ssim": None, "images": n}
+        rec = {
+            "rescale_psnr": attacks.psnr(x_tc[:n], x0[:n]),
+            "rescale_ssim": 1.0,
+            "denoiser_psnr": None,
+            "denoiser_ssim": None,
+            "images": n,
+        }
     else:
         denoiser = None
         if public is not None and run.attack_steps > 0:
             denoiser = attacks.train_public_denoiser(public, abar_tc, run.attack_steps, seed)
-        rec = attacks.reconstruction_report(x0[:n], x_tc[:n], abar_tc, denoiser)
-    rec["public_set"] = "Fashion-MNIST test split" if public is not None else None
-    best = max(v for v in (rec["rescale_psnr"], rec["denoiser_psnr"]) if v is not None)
+        rec = dict(attacks.reconstruction_report(x0[:n], x_tc[:n], abar_tc, denoiser))
+    rec["public_set"] = (
+        f"test split of the data source ({len(public)} images no site owns)"
+        if public is not None
+        else None
+    )
+    best = max(float(v) for v in (rec["rescale_psnr"], rec["denoiser_psnr"]) if v is not None)
     return {"reconstruction_psnr": best, "reconstruction": rec}
 
 
-def _reidentification(x0: Tensor, x_tc: Tensor, heldout: Tensor, abar_tc: float,
-                      run: RunConfig, seed: int) -> dict[str, Any]:
+def _reidentification(
+    x0: Tensor, x_tc: Tensor, heldout: Tensor, abar_tc: float, run: RunConfig, seed: int
+) -> dict[str, Any]:
     pool = min(run.reid_pool, len(x0) // 2 + len(heldout))
     probes = min(len(x0), max(1, pool // 2))
     gen = torch.Generator().manual_seed(seed + 11)
     idx = torch.randperm(len(x0), generator=gen)
     probe_idx, rest = idx[:probes], idx[probes:]
     distractors = torch.cat([x0[rest], heldout])
-    reid = attacks.reidentification_report(x0[probe_idx], x_tc[probe_idx], distractors,
-                                           abar_tc, pool_size=pool, seed=seed)
-    return {"reidentification_top1": reid["top1"], "reidentification_chance": reid["chance"],
-            "reidentification": reid}
+    reid = attacks.reidentification_report(
+        x0[probe_idx], x_tc[probe_idx], distractors, abar_tc, pool_size=pool, seed=seed
+    )
+    return {
+        "reidentification_top1": reid["top1"],
+        "reidentification_chance": reid["chance"],
+        "reidentification": reid,
+    }
 
 
-def _membership(fed: FederationConfig, schedule: Schedule, sites: list[SiteOutcome],
-                server: ServerOutcome) -> dict[str, Any] | None:
+def _membership(
+    fed: FederationConfig, schedule: Schedule, sites: list[SiteOutcome], server: ServerOutcome
+) -> dict[str, Any] | None:
     """Server denoising loss on members (uploads) against non-members (held-out, noised)."""
     if server.eps_model_for_site is None or fed.upload_mode != "exact" or fed.t_cut == 0:
         return None
@@ -155,15 +182,22 @@ def _membership(fed: FederationConfig, schedule: Schedule, sites: list[SiteOutco
         n = min(len(s.disclosed), len(s.heldout_images), 300)
         eps_model = server.eps_model_for_site[s.site]
         fresh = _fresh_noised(schedule, s.heldout_images[:n], fed.t_cut, fed.seed + 13 + k)
-        members.append(attacks.server_denoising_losses(eps_model, schedule, s.disclosed[:n],
-                                                       fed.t_cut, seed=fed.seed + k))
-        others.append(attacks.server_denoising_losses(eps_model, schedule, fresh, fed.t_cut,
-                                                      seed=fed.seed + k))
+        members.append(
+            attacks.server_denoising_losses(
+                eps_model, schedule, s.disclosed[:n], fed.t_cut, seed=fed.seed + k
+            )
+        )
+        others.append(
+            attacks.server_denoising_losses(
+                eps_model, schedule, fresh, fed.t_cut, seed=fed.seed + k
+            )
+        )
     return attacks.membership_inference(torch.cat(members), torch.cat(others))
 
 
-def _published_measures(sites: list[SiteOutcome], extractor: FeatureExtractor,
-                        seed: int) -> dict[str, Any]:
+def _published_measures(
+    sites: list[SiteOutcome], extractor: FeatureExtractor, seed: int
+) -> dict[str, Any]:
     """The published system's disclosure measures: KID and mean pairwise MSE between the
     server's hand-offs and each site's data."""
     out: dict[str, Any] = {}
@@ -171,8 +205,10 @@ def _published_measures(sites: list[SiteOutcome], extractor: FeatureExtractor,
         if s.handoffs is None:
             continue
         q = _quality(s.train_images, s.handoffs.clamp(-1, 1), extractor, seed)
-        out[s.site] = {"kid_handoff_vs_data": q["kid"],
-                       "mse_handoff_vs_data": mean_pairwise_mse(s.handoffs, s.train_images)}
+        out[s.site] = {
+            "kid_handoff_vs_data": q["kid"],
+            "mse_handoff_vs_data": mean_pairwise_mse(s.handoffs, s.train_images),
+        }
     return out
 
 
@@ -193,18 +229,20 @@ def build_report(
     extractor = extractor or FeatureExtractor()
     site_rows = []
     for s in sites:
-        site_rows.append({
-            "site": s.site,
-            "classes": list(s.classes),
-            "n_train": len(s.train_images),
-            "n_heldout": len(s.heldout_images),
-            "quality": _quality(s.heldout_images, s.samples, extractor, fed.seed),
-            "compute_seconds": s.compute_seconds,
-            "nfe": s.nfe,
-            "final_loss": _tail_mean(s.losses),
-            "bytes_uploaded": ledger["uploaded_by_site"].get(s.site, 0),
-            "bytes_downloaded": ledger["downloaded_by_site"].get(s.site, 0),
-        })
+        site_rows.append(
+            {
+                "site": s.site,
+                "classes": list(s.classes),
+                "n_train": len(s.train_images),
+                "n_heldout": len(s.heldout_images),
+                "quality": _quality(s.heldout_images, s.samples, extractor, fed.seed),
+                "compute_seconds": s.compute_seconds,
+                "nfe": s.nfe,
+                "final_loss": _tail_mean(s.losses),
+                "bytes_uploaded": ledger["uploaded_by_site"].get(s.site, 0),
+                "bytes_downloaded": ledger["downloaded_by_site"].get(s.site, 0),
+            }
+        )
     real = torch.cat([s.heldout_images for s in sites])
     fake = torch.cat([s.samples for s in sites])
     n_site_steps = fed.t_cut if grid is None else len(grid) - 1 - grid.index(fed.t_cut)
@@ -244,10 +282,16 @@ def build_report(
             "server_steps": len(server.losses),
             "site_steps": {s.site: len(s.losses) for s in sites},
         },
-        "feature_extractor": {"name": "collafuse Fashion-MNIST classifier (penultimate layer)",
-                              **classifier_info()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "feature_extractor": {
+            "name": "collafuse Fashion-MNIST classifier (penultimate layer)",
+            **classifier_info(),
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "wall_seconds": wall_seconds,
     }
 
@@ -267,8 +311,9 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_report(out: Path, report: dict[str, Any], sites: list[SiteOutcome],
-                 losses: dict[str, list[float]]) -> None:
+def write_report(
+    out: Path, report: dict[str, Any], sites: list[SiteOutcome], losses: dict[str, list[float]]
+) -> None:
     """``report.json`` (atomic, no NaN/inf), a sample grid per site and the plots."""
     blob = json.dumps(_json_safe(report), indent=2, allow_nan=False).encode()
     atomic_write(out / "report.json", blob)

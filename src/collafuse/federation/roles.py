@@ -65,9 +65,16 @@ class Site:
 
     def train(self, generator: torch.Generator, progress: bool = False) -> list[float]:
         losses = train_site(
-            self.trainer, self.fed, self.schedule, self.train_data.images, self.train_data.labels,
-            self.run.site_train_steps, self.run.batch_size, generator,
-            time_budget_s=self.run.time_budget_s, progress=progress,
+            self.trainer,
+            self.fed,
+            self.schedule,
+            self.train_data.images,
+            self.train_data.labels,
+            self.run.site_train_steps,
+            self.run.batch_size,
+            generator,
+            time_budget_s=self.run.time_budget_s,
+            progress=progress,
         )
         self.compute_seconds["train"] = self.trainer.compute_seconds
         self.save_checkpoint()
@@ -78,8 +85,9 @@ class Site:
         it is sent; every later call (a retry, a restart) re-sends the same bytes."""
         if self.disclosure_path.exists():
             return Disclosure(self.site_id, self.disclosure_path.read_bytes())
-        tensors = make_disclosure(self.fed, self.schedule, self.train_data.images,
-                                  secret_generator())
+        tensors = make_disclosure(
+            self.fed, self.schedule, self.train_data.images, secret_generator()
+        )
         if self.fed.share_labels:
             tensors["labels"] = self.train_data.labels
         message = Disclosure.build(self.site_id, tensors, self.fed.fingerprint())
@@ -89,20 +97,33 @@ class Site:
     def request(self, n: int) -> SampleRequest:
         return SampleRequest(self.site_id, n)
 
-    def finish(self, handoff: HandOff, generator: torch.Generator, grid: list[int] | None,
-               n_site_steps: int) -> Tensor:
+    def finish(
+        self,
+        handoff: HandOff,
+        generator: torch.Generator,
+        grid: list[int] | None,
+        n_site_steps: int,
+    ) -> Tensor:
         """Run the site's steps from the hand-offs to images; they stay at the site."""
         start = time.perf_counter()
         x_tc = handoff.x_tc()
-        out = site_finish(self.trainer.ema, self.fed, self.schedule, x_tc, generator, grid=grid,
-                          clip_x0=self.run.clip_x0)
+        out = site_finish(
+            self.trainer.ema,
+            self.fed,
+            self.schedule,
+            x_tc,
+            generator,
+            grid=grid,
+            clip_x0=self.run.clip_x0,
+        )
         self.compute_seconds["sample"] += time.perf_counter() - start
         self.nfe += n_site_steps * len(x_tc)
         return out
 
     def save_checkpoint(self) -> None:
-        meta = checkpoint_meta(self.fed, "site", self.trainer.step, self.site_id,
-                               self.fed.site_model)
+        meta = checkpoint_meta(
+            self.fed, "site", self.trainer.step, self.site_id, self.fed.site_model
+        )
         atomic_write(self.state_dir / "model.safetensors", model_to_bytes(self.trainer.ema, meta))
 
 
@@ -149,8 +170,15 @@ class Server:
     def train(self, generator: torch.Generator, progress: bool = False) -> list[float]:
         x, ids = self.training_set()
         losses = train_server(
-            self.trainer, self.fed, self.schedule, x, ids, self.run.server_train_steps,
-            self.run.batch_size, generator, time_budget_s=self.run.time_budget_s,
+            self.trainer,
+            self.fed,
+            self.schedule,
+            x,
+            ids,
+            self.run.server_train_steps,
+            self.run.batch_size,
+            generator,
+            time_budget_s=self.run.time_budget_s,
             progress=progress,
         )
         self.compute_seconds["train"] = self.trainer.compute_seconds
@@ -158,15 +186,19 @@ class Server:
         atomic_write(self.state_dir / "model.safetensors", model_to_bytes(self.trainer.ema, meta))
         return losses
 
-    def serve(self, requests: list[SampleRequest], generator: torch.Generator,
-              grid: list[int] | None, n_server_steps: int) -> list[HandOff]:
+    def serve(
+        self,
+        requests: list[SampleRequest],
+        generator: torch.Generator,
+        grid: list[int] | None,
+        n_server_steps: int,
+    ) -> list[HandOff]:
         """Answer several sites' requests in shared forward passes."""
         start = time.perf_counter()
-        ids = torch.cat([
-            torch.full((r.n,), self.fed.site_index(r.site), dtype=torch.long) for r in requests
-        ])
-        x_tc = server_handoffs(self.trainer.ema, self.fed, self.schedule, ids, generator,
-                               grid=grid)
+        ids = torch.cat(
+            [torch.full((r.n,), self.fed.site_index(r.site), dtype=torch.long) for r in requests]
+        )
+        x_tc = server_handoffs(self.trainer.ema, self.fed, self.schedule, ids, generator, grid=grid)
         self.compute_seconds["sample"] += time.perf_counter() - start
         self.nfe += n_server_steps * len(ids)
         out, i = [], 0

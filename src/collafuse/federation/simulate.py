@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from collafuse.config import FederationConfig, RunConfig
-from collafuse.data import Dataset, DataError, load_dataset, partition
+from collafuse.data import DataError, Dataset, load_dataset, partition
 from collafuse.diffusion import sample_prior
 from collafuse.federation.messages import ByteLedger, HandOff
 from collafuse.federation.report import ServerOutcome, SiteOutcome, build_report, write_report
@@ -46,20 +46,33 @@ def load_public_set(source: str | None) -> Dataset | None:
 def make_sites(fed: FederationConfig, run: RunConfig, data: Dataset, out: Path) -> list[Site]:
     """Partition the data between the sites (deterministic by the shared seed)."""
     parts = partition(
-        data.labels, fed.n_sites, run.partition, seed=fed.seed,
-        classes_per_site=run.classes_per_site, alpha=run.dirichlet_alpha,
-        images_per_site=run.images_per_site, heldout_fraction=run.heldout_fraction,
+        data.labels,
+        fed.n_sites,
+        run.partition,
+        seed=fed.seed,
+        classes_per_site=run.classes_per_site,
+        alpha=run.dirichlet_alpha,
+        images_per_site=run.images_per_site,
+        heldout_fraction=run.heldout_fraction,
     )
     schedule = make_schedule(fed.schedule, fed.T)
     return [
-        Site(site_id, fed, run, schedule, data.subset(p.train), data.subset(p.heldout),
-             out / "sites" / site_id)
+        Site(
+            site_id,
+            fed,
+            run,
+            schedule,
+            data.subset(p.train),
+            data.subset(p.heldout),
+            out / "sites" / site_id,
+        )
         for site_id, p in zip(fed.sites, parts, strict=True)
     ]
 
 
-def simulate(run: RunConfig, out: Path, *, data: Dataset | None = None,
-             progress: bool = True) -> SimulationResult:
+def simulate(
+    run: RunConfig, out: Path, *, data: Dataset | None = None, progress: bool = True
+) -> SimulationResult:
     """Run the federation of ``run`` and write everything under ``out``."""
     started = time.perf_counter()
     torch.set_num_threads(run.torch_threads)
@@ -95,15 +108,21 @@ def simulate(run: RunConfig, out: Path, *, data: Dataset | None = None,
     grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
     n_server = fed.T - fed.t_cut if grid is None else grid.index(fed.t_cut)
     n_site = fed.t_cut if grid is None else len(grid) - 1 - grid.index(fed.t_cut)
-    samples, handoffs = sample_all(sites, server, run, ledger, shared, grid, n_server, n_site,
-                                   collaborative)
+    samples, handoffs = sample_all(
+        sites, server, run, ledger, shared, grid, n_server, n_site, collaborative
+    )
 
     outcomes = [
         SiteOutcome(
-            site=s.site_id, classes=tuple(int(c) for c in s.train_data.labels.unique()),
-            train_images=s.train_data.images, heldout_images=s.heldout.images,
-            disclosed=disclosed[s.site_id], handoffs=handoffs.get(s.site_id),
-            samples=samples[s.site_id], compute_seconds=s.compute_seconds, nfe=s.nfe,
+            site=s.site_id,
+            classes=tuple(int(c) for c in s.train_data.labels.unique()),
+            train_images=s.train_data.images,
+            heldout_images=s.heldout.images,
+            disclosed=disclosed[s.site_id],
+            handoffs=handoffs.get(s.site_id),
+            samples=samples[s.site_id],
+            compute_seconds=s.compute_seconds,
+            nfe=s.nfe,
             losses=site_losses[s.site_id],
         )
         for s in sites
@@ -111,39 +130,58 @@ def simulate(run: RunConfig, out: Path, *, data: Dataset | None = None,
     server_outcome = ServerOutcome(
         eps_model_for_site=(
             {s.site_id: _server_eps(server, fed, s.site_id) for s in sites}
-            if collaborative else None
+            if collaborative
+            else None
         ),
-        compute_seconds=server.compute_seconds, nfe=server.nfe, losses=server_losses,
+        compute_seconds=server.compute_seconds,
+        nfe=server.nfe,
+        losses=server_losses,
     )
     public = load_public_set(run.data)
     report = build_report(
-        fed, run, schedule, outcomes, server_outcome,
-        public=public.images if public is not None else None, ledger=ledger.to_dict(),
-        grid=grid, wall_seconds=time.perf_counter() - started,
+        fed,
+        run,
+        schedule,
+        outcomes,
+        server_outcome,
+        public=public.images if public is not None else None,
+        ledger=ledger.to_dict(),
+        grid=grid,
+        wall_seconds=time.perf_counter() - started,
     )
     losses = {f"site {k}": v for k, v in site_losses.items()} | {"server": server_losses}
     write_report(out, report, outcomes, losses)
     return SimulationResult(out, report)
 
 
-def server_view(fed: FederationConfig, schedule: Any, tensors: dict[str, torch.Tensor]
-                ) -> torch.Tensor:
+def server_view(
+    fed: FederationConfig, schedule: Any, tensors: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """What the server holds of one site's images after a disclosure."""
     return server_training_set(fed, schedule, tensors).to(torch.float32)
 
 
 def _server_eps(server: Server, fed: FederationConfig, site: str) -> Any:
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = (torch.full((len(x),), fed.site_index(site), dtype=torch.long)
-             if fed.server_conditioning == "site" else None)
+        y = (
+            torch.full((len(x),), fed.site_index(site), dtype=torch.long)
+            if fed.server_conditioning == "site"
+            else None
+        )
         return bind(server.trainer.ema, y)(x, t)
 
     return eps_model
 
 
 def sample_all(
-    sites: list[Site], server: Server, run: RunConfig, ledger: ByteLedger,
-    generator: torch.Generator, grid: list[int] | None, n_server: int, n_site: int,
+    sites: list[Site],
+    server: Server,
+    run: RunConfig,
+    ledger: ByteLedger,
+    generator: torch.Generator,
+    grid: list[int] | None,
+    n_server: int,
+    n_site: int,
     collaborative: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every site's samples; the server answers all sites' requests in shared batches."""
@@ -160,8 +198,10 @@ def sample_all(
                 ledger.up(r.site, "sample_request", r.encoded_size())
             answers = server.serve(requests, generator, grid, n_server)
         else:  # local-only: each site draws its own x_T
-            answers = [HandOff.build(r.site, sample_prior((n, *fed.image_shape), generator))
-                       for r in requests]
+            answers = [
+                HandOff.build(r.site, sample_prior((n, *fed.image_shape), generator))
+                for r in requests
+            ]
         for site, answer in zip(sites, answers, strict=True):
             if collaborative:
                 ledger.down(site.site_id, "handoff", len(answer.payload))
