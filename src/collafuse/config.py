@@ -165,10 +165,10 @@ class RunConfig(BaseModel):
     dirichlet_alpha: float = Field(0.5, gt=0)
     images_per_site: int | None = Field(2000, ge=10)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
-    site_train_steps: int = Field(800, ge=0)
-    server_train_steps: int = Field(1200, ge=0)
+    site_train_steps: int = Field(600, ge=0)
+    server_train_steps: int = Field(600, ge=0)
     time_budget_s: float | None = Field(None, gt=0)  # per model, instead of / as well as steps
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
     samples_per_site: int = Field(200, ge=1)

@@ -1,0 +1,1 @@
+"""Experiments: sweeps over the cut, baselines (FedAvg, renoise) and the cut advisor."""
