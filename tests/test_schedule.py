@@ -10,8 +10,17 @@ import torch
 from collafuse.schedule import check_t_cut, cut_step, make_schedule
 
 
-@pytest.mark.parametrize("T", [10, 100, 1000])
-@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize(
+    ("kind", "T"),
+    [
+        ("cosine", 10),
+        ("cosine", 100),
+        ("cosine", 1000),
+        ("linear", 21),
+        ("linear", 100),
+        ("linear", 1000),
+    ],
+)
 def test_schedule_shapes_and_ends(kind: str, T: int) -> None:
     s = make_schedule(kind, T)  # type: ignore[arg-type]
     assert s.alphas_cumprod.dtype == torch.float64
@@ -22,10 +31,12 @@ def test_schedule_shapes_and_ends(kind: str, T: int) -> None:
     assert s.abar(T) < 1e-3  # x_T is noise at any T (linear is scaled by 1000/T)
 
 
-def test_cosine_abar_is_the_product_of_clipped_betas() -> None:
-    s = make_schedule("cosine", 1000)
-    assert s.betas.max().item() == pytest.approx(0.999)
-    assert 1e-8 < s.abar(1000) < 1e-6  # about 2e-7, not 0
+@pytest.mark.parametrize(("T", "abar_T"), [(100, 2.43e-7), (1000, 2.43e-9)])
+def test_cosine_abar_is_the_product_of_clipped_betas(T: int, abar_T: float) -> None:
+    s = make_schedule("cosine", T)
+    assert s.betas[T].item() == pytest.approx(0.999)  # the last beta is clipped
+    assert s.abar(T) == pytest.approx(s.abar(T - 1) * (1 - 0.999))
+    assert s.abar(T) == pytest.approx(abar_T, rel=1e-3)  # METHOD.md: about 2e-7 at T = 100
 
 
 @pytest.mark.parametrize(
@@ -67,6 +78,11 @@ def test_centralized_needs_opt_in() -> None:
     assert cut_step(0.0, 100, allow_centralized=True) == 0
     with pytest.raises(ValueError, match=r"0\.\.100"):
         check_t_cut(101, 100)
+
+
+def test_linear_needs_enough_steps_for_its_scaling() -> None:
+    with pytest.raises(ValueError, match="T >= 21"):
+        make_schedule("linear", 20)  # beta_T = 0.02 * 1000 / 20 = 1: the chain would collapse
 
 
 def test_bad_schedule_arguments() -> None:

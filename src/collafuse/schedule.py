@@ -48,7 +48,12 @@ def cosine_betas(T: int, s: float = COSINE_S) -> torch.Tensor:
 
 
 def linear_betas(T: int) -> torch.Tensor:
-    """improved-diffusion's linear betas, scaled by ``1000 / T`` so ``x_T`` is noise at any T."""
+    """improved-diffusion's linear betas, scaled by ``1000 / T`` so ``x_T`` is noise at any T.
+
+    The last beta is ``0.02 * 1000 / T``, below 1 only for ``T >= 21``.
+    """
+    if T < 21:
+        raise ValueError(f"the linear schedule needs T >= 21 (beta_T = 20/T < 1), got T={T}")
     scale = 1000.0 / T
     return torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
 
