@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/latest
 RUN_ARGS ?=
+# OpenMP threads that spin while waiting make a busy 2-core machine 10-20x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run simulate test test-core lint bench clean help
 .DEFAULT_GOAL := help

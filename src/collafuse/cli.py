@@ -247,6 +247,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    # Before torch loads OpenMP: spinning worker threads make a 2-core machine that runs
+    # anything else 10-20x slower (measured: 7.5 s against 0.31 s per site training step).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = make_parser().parse_args(argv)
         logging.basicConfig(
