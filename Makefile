@@ -47,3 +47,4 @@ clean:  ## remove build outputs and runs (keeps .venv)
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
 
 include mk/deploy.mk
+include mk/experiments.mk

@@ -12,8 +12,9 @@ from collafuse.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,8 +66,9 @@ def test_unwritable_output_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
     assert not Path("/proc/collafuse-run").exists()
 
 
-def test_output_that_is_a_file_is_refused(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_that_is_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     f = tmp_path / "file"
     f.write_text("x")
     assert main(["simulate", "--out", str(f)]) == 2

@@ -22,24 +22,39 @@ TINY = ModelConfig(base_channels=8, channel_mults=(1, 2))
 
 
 def tiny_run(**fed: object) -> RunConfig:
-    federation = FederationConfig(T=10, client_fraction=0.5, site_model=TINY, server_model=TINY,
-                                  **fed)  # type: ignore[arg-type]
-    return RunConfig(federation=federation, images_per_site=40, site_train_steps=2,
-                     server_train_steps=2, batch_size=8, samples_per_site=12,
-                     sample_batch_size=24, reid_pool=20, attack_steps=2, torch_threads=1)
+    federation = FederationConfig(
+        T=10, client_fraction=0.5, site_model=TINY, server_model=TINY, **fed
+    )  # type: ignore[arg-type]
+    return RunConfig(
+        federation=federation,
+        images_per_site=40,
+        site_train_steps=2,
+        server_train_steps=2,
+        batch_size=8,
+        samples_per_site=12,
+        sample_batch_size=24,
+        reid_pool=20,
+        attack_steps=2,
+        torch_threads=1,
+    )
 
 
 def toy_data(n: int = 30) -> Dataset:
     g = torch.Generator().manual_seed(0)
-    return Dataset(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1,
-                   torch.randint(0, 10, (n,), generator=g), 10, "toy")
+    return Dataset(
+        torch.rand(n, 1, 28, 28, generator=g) * 2 - 1,
+        torch.randint(0, 10, (n,), generator=g),
+        10,
+        "toy",
+    )
 
 
 def make_site(run: RunConfig, state_dir: Path) -> Site:
     data = toy_data()
     schedule = make_schedule(run.federation.schedule, run.federation.T)
-    return Site("site-0", run.federation, run, schedule, data, data.subset(torch.arange(5)),
-                state_dir)
+    return Site(
+        "site-0", run.federation, run, schedule, data, data.subset(torch.arange(5)), state_dir
+    )
 
 
 def test_disclosure_noise_is_site_secret_and_resent_unchanged(tmp_path: Path) -> None:
@@ -53,8 +68,9 @@ def test_disclosure_noise_is_site_secret_and_resent_unchanged(tmp_path: Path) ->
     schedule = make_schedule(fed.schedule, fed.T)
     x_tc = first.tensors()["x_tc"]
     for seed in (fed.seed, fed.seed + 1, fed.seed + 1000, fed.seed + 2000):
-        guess = disclose(schedule, a.train_data.images, fed.t_cut,
-                         torch.Generator().manual_seed(seed))
+        guess = disclose(
+            schedule, a.train_data.images, fed.t_cut, torch.Generator().manual_seed(seed)
+        )
         assert not torch.allclose(guess, x_tc)
     # Stored before sending; a retry or a restart re-sends the very same bytes.
     assert (tmp_path / "a" / "disclosure.safetensors").read_bytes() == first.payload
@@ -118,8 +134,19 @@ def test_tiny_simulate_end_to_end(tmp_path: Path, c: str) -> None:
     cfg.write_text(json.dumps(tiny_run().to_json_dict()))
     out = tmp_path / "out"
     extra = ["--centralized"] if c == "0" else []
-    code = main(["simulate", "--config", str(cfg), "--out", str(out), "--client-fraction", c,
-                 "--quiet", *extra])
+    code = main(
+        [
+            "simulate",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--client-fraction",
+            c,
+            "--quiet",
+            *extra,
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     cfg_r, priv, cost = report["config"], report["privacy"], report["cost"]

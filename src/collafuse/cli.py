@@ -236,6 +236,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("COLLAFUSE_LOG_LEVEL", "warning"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
+    from collafuse.experiments.cli import add_experiment_commands
+
+    add_experiment_commands(sub)
     try:
         from collafuse.services.cli import add_service_commands
     except ImportError:  # pragma: no cover - services not installed

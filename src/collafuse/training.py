@@ -26,6 +26,7 @@ from collafuse.diffusion import (
     EpsModel,
     disclose,
     make_grid,
+    renoise_start_step,
     sample_prior,
     server_loss,
     server_sample,
@@ -221,6 +222,19 @@ def sampling_grid(
     if server_steps is None and site_steps is None:
         return None
     return make_grid(fed.T, fed.t_cut, server_steps, site_steps)
+
+
+def steps_per_sample(fed: FederationConfig, grid: Sequence[int] | None) -> tuple[int, int]:
+    """Network evaluations per generated image: ``(server, site)``.
+
+    The renoise ablation's site resumes at ``floor(t_c (2 - c))``, not at ``t_c``.
+    """
+    if grid is not None:
+        return grid.index(fed.t_cut), len(grid) - 1 - grid.index(fed.t_cut)
+    site = fed.t_cut
+    if fed.upload_mode == "renoise":
+        site = renoise_start_step(fed.t_cut, fed.T, fed.client_fraction)
+    return fed.T - fed.t_cut, site
 
 
 @torch.no_grad()

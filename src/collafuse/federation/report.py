@@ -24,7 +24,7 @@ from collafuse.eval.quality import FeatureExtractor, domain_fid_kid, mean_pairwi
 from collafuse.privacy import attacks
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import Schedule
-from collafuse.training import atomic_write
+from collafuse.training import atomic_write, steps_per_sample
 
 SCHEMA_VERSION = 1
 
@@ -245,8 +245,7 @@ def build_report(
         )
     real = torch.cat([s.heldout_images for s in sites])
     fake = torch.cat([s.samples for s in sites])
-    n_site_steps = fed.t_cut if grid is None else len(grid) - 1 - grid.index(fed.t_cut)
-    n_server_steps = fed.T - fed.t_cut if grid is None else grid.index(fed.t_cut)
+    n_server_steps, n_site_steps = steps_per_sample(fed, grid)
     n_disclosed = sum(len(s.disclosed) for s in sites if s.disclosed is not None)
     upload_bytes = sum(ledger["uploaded_by_site"].values())
     return {

@@ -24,7 +24,13 @@ from collafuse.federation.messages import ByteLedger, HandOff
 from collafuse.federation.report import ServerOutcome, SiteOutcome, build_report, write_report
 from collafuse.federation.roles import Server, Site
 from collafuse.schedule import make_schedule
-from collafuse.training import atomic_write, bind, sampling_grid, server_training_set
+from collafuse.training import (
+    atomic_write,
+    bind,
+    sampling_grid,
+    server_training_set,
+    steps_per_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +112,7 @@ def simulate(
         server_losses = []
 
     grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
-    n_server = fed.T - fed.t_cut if grid is None else grid.index(fed.t_cut)
-    n_site = fed.t_cut if grid is None else len(grid) - 1 - grid.index(fed.t_cut)
+    n_server, n_site = steps_per_sample(fed, grid)
     samples, handoffs = sample_all(
         sites, server, run, ledger, shared, grid, n_server, n_site, collaborative
     )

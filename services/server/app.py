@@ -1,0 +1,266 @@
+"""The server denoiser's serving role: hand-offs ``x_tc`` for the sites.
+
+Routes:
+
+- ``POST /v1/sample`` (a site, for its own id; JSON ``{"site", "n", "steps"?, "fp16"?}``,
+  header ``X-Collafuse-Config``): ``n`` hand-offs conditioned on the site, as a safetensors
+  body ``{"x_tc": [n, C, H, W]}`` with metadata ``site``, ``T``, ``t_cut``, ``version``,
+  ``steps``. Concurrent requests of all sites are batched into shared forward passes
+  (:mod:`.batcher`).
+- ``GET /v1/model``: the checkpoint version being served.
+
+The model is the EMA weights of the current ``server`` checkpoint in the store; a poller
+hot-swaps it when the coordinator publishes a newer version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from torch import Tensor
+
+from collafuse.config import FederationConfig
+from collafuse.schedule import make_schedule
+from collafuse.services.http import (
+    ApiError,
+    Auth,
+    NotReady,
+    check_cut,
+    check_fingerprint,
+    create_app,
+    tensor_response,
+)
+from collafuse.services.metrics import ServiceMetrics
+from collafuse.services.server.batcher import Batcher, BatchInfo
+from collafuse.services.settings import place_model
+from collafuse.store import Store, StoreError, current_checkpoint, read_manifest
+from collafuse.training import (
+    build_server_model,
+    model_from_bytes,
+    sampling_grid,
+    server_handoffs,
+)
+from collafuse.unet import UNet
+from collafuse.wire import encode_tensors
+
+__all__ = ["ServeOptions", "ServerModel", "create_server_app"]
+
+log = logging.getLogger(__name__)
+
+ROLE = "server"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Knobs of one serving replica (CLI flags)."""
+
+    max_batch: int = 256  # samples per shared forward pass
+    max_wait_ms: float = 10.0  # how long the batcher waits for more requests
+    max_request: int = 256  # samples per request
+    batching: bool = True  # False: one request at a time (the naive baseline)
+    poll_s: float = 5.0  # manifest poll interval for hot swaps
+    default_steps: int | None = None  # respaced server steps (None: every step)
+    seed: int | None = None  # server noise seed (None: fresh random)
+    device: str = "cpu"  # where the network runs (resolved: cpu, cuda, cuda:N)
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(..., description="the requesting site's id (its own)")
+    n: int = Field(..., ge=1, description="number of hand-offs")
+    steps: int | None = Field(None, ge=1, description="respaced server steps (default: server's)")
+    fp16: bool = Field(False, description="send x_tc as float16")
+    T: int | None = Field(None, description="the caller's T (checked if given)")
+    t_cut: int | None = Field(None, description="the caller's t_cut (checked if given)")
+
+
+class ServerModel:
+    """The served model and its version; loads and hot-swaps checkpoints from the store."""
+
+    def __init__(self, fed: FederationConfig, store: Store, device: str = "cpu") -> None:
+        self.fed, self.store, self.device = fed, store, device
+        self.model: UNet | None = None
+        self.version = -1
+        self.step = 0
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Load the current checkpoint if it is newer than the served one; True if swapped."""
+        manifest = read_manifest(self.store, ROLE)
+        if manifest is None or int(manifest["current"]) <= self.version:
+            return False
+        found = current_checkpoint(self.store, ROLE)
+        if found is None:
+            return False
+        version, files, meta = found
+        if meta.get("config_fingerprint") != self.fed.fingerprint():
+            raise StoreError(
+                f"server checkpoint v{version} was made for another federation "
+                f"config ({str(meta.get('config_fingerprint'))[:12]}...)"
+            )
+        model = place_model(build_server_model(self.fed), self.device)
+        model_from_bytes(files["ema.safetensors"], model)
+        model.eval().requires_grad_(False)
+        with self._lock:
+            self.model, self.version, self.step = model, version, int(meta.get("step", 0))
+        log.info("serving server checkpoint v%d (step %d)", version, self.step)
+        return True
+
+
+def create_server_app(
+    fed: FederationConfig,
+    store: Store,
+    auth: Auth,
+    options: ServeOptions | None = None,
+) -> FastAPI:
+    """The serving replica's app."""
+    options = options or ServeOptions()
+    metrics = ServiceMetrics("server", batching=True)
+    schedule = make_schedule(fed.schedule, fed.T)
+    served = ServerModel(fed, store, options.device)
+    generator = torch.Generator().manual_seed(
+        options.seed if options.seed is not None else secrets.randbits(63)
+    )
+
+    def run(site_ids: Tensor, steps: int | None) -> Tensor:
+        model = served.model
+        if model is None:
+            raise RuntimeError("no model loaded")
+        grid = sampling_grid(fed, steps, None) if steps else None
+        return server_handoffs(model, fed, schedule, site_ids, generator, grid=grid)
+
+    def server_nfe(steps: int | None) -> int:
+        return min(steps, fed.server_steps) if steps else fed.server_steps
+
+    def on_batch(info: BatchInfo) -> None:
+        assert metrics.batch_size is not None
+        metrics.batch_size.observe(info.total)
+        nfe = server_nfe(info.steps)
+        if nfe:
+            metrics.denoise_step.labels(ROLE).observe(info.seconds / nfe)
+        for site, n in info.sizes.items():
+            metrics.nfe.labels(site, ROLE).inc(n * nfe)
+            metrics.compute_seconds.labels(site, ROLE).inc(info.seconds * n / info.total)
+
+    batcher = Batcher(
+        run,
+        max_batch=options.max_batch,
+        max_wait_s=options.max_wait_ms / 1000,
+        batching=options.batching,
+        on_batch=on_batch,
+    )
+
+    async def refresh() -> None:
+        try:
+            if await run_in_threadpool(served.refresh):
+                metrics.checkpoint_version.labels(ROLE).set(served.version)
+        except StoreError as exc:
+            log.warning("checkpoint refresh failed: %s", exc)
+        except Exception:  # a bad checkpoint must not stop the poller: keep serving the old one
+            log.exception("checkpoint refresh failed; still serving v%d", served.version)
+
+    async def poll_loop() -> None:
+        while True:
+            await asyncio.sleep(options.poll_s)
+            await refresh()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await refresh()
+        await batcher.start()
+        poller = asyncio.create_task(poll_loop())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await batcher.stop()
+
+    async def ready() -> None:
+        if served.model is None:
+            raise NotReady("no server checkpoint loaded yet (the coordinator publishes v0)")
+
+    app = create_app(
+        "server",
+        title="CollaFuse server denoiser (serving)",
+        description="Hand-offs x_tc from the shared high-noise model, batched across sites.",
+        metrics=metrics,
+        lifespan=lifespan,
+        ready=ready,
+    )
+    app.state.served = served
+    app.state.batcher = batcher
+
+    @app.post(
+        "/v1/sample",
+        tags=["sampling"],
+        summary="Hand-offs x_tc for a site",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"application/octet-stream": {}},
+                "description": "safetensors {x_tc: [n, C, H, W]}",
+            }
+        },
+    )
+    async def sample(body: SampleRequest, request: Request) -> Response:
+        auth.require_site(request, body.site, fed)
+        check_fingerprint(request, fed)
+        check_cut(fed, body.T, body.t_cut, "the sample request")
+        if body.n > options.max_request:
+            raise ApiError(
+                413,
+                "too-large",
+                f"n={body.n} samples in one request, over the limit of {options.max_request}",
+            )
+        if served.model is None:
+            raise ApiError(
+                503, "not-ready", "no server checkpoint loaded yet", {"Retry-After": "5"}
+            )
+        steps = body.steps or options.default_steps
+        version = served.version
+        x_tc = await batcher.submit(body.site, fed.site_index(body.site), body.n, steps)
+        data = encode_tensors(
+            {"x_tc": x_tc},
+            fp16=body.fp16,
+            metadata={
+                "site": body.site,
+                "T": str(fed.T),
+                "t_cut": str(fed.t_cut),
+                "version": str(version),
+                "steps": str(server_nfe(steps)),
+            },
+        )
+        metrics.sample_requests.labels(body.site).inc()
+        metrics.samples.labels(body.site).inc(body.n)
+        metrics.bytes_sent.labels(body.site).inc(len(data))
+        return tensor_response(data)
+
+    @app.get("/v1/model", tags=["sampling"], summary="The served checkpoint")
+    async def model_info(request: Request) -> dict[str, Any]:
+        auth.authenticate(request)
+        return {
+            "version": served.version,
+            "step": served.step,
+            "fingerprint": fed.fingerprint(),
+            "T": fed.T,
+            "t_cut": fed.t_cut,
+            "batching": options.batching,
+            "max_batch": options.max_batch,
+        }
+
+    return app

@@ -1,0 +1,369 @@
+"""The FedAvg baseline: every site trains and samples the *whole* diffusion model.
+
+Each site trains a full model (all T steps, ``t ~ U{1..T}``) on its own data for ``R`` local
+optimizer steps; then the coordinator averages the weights (weighted by the sites' data sizes)
+and sends the average back; repeat until the step budget is spent. Sampling is a plain
+full-chain DDPM run by each site with the global model. Like CollaFuse's server, the global
+model is conditioned on the site id by default (``server_conditioning = "site"``), so that with
+label-skewed sites each site can ask for its own distribution; each site's local steps train
+only its own id's embedding row.
+
+Nothing is disclosed as data, but the weights, trained on every site's images, are: there is
+no formal epsilon for that (the report says so), and each site pays for all T steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+import collafuse
+from collafuse.config import FederationConfig, ModelConfig, RunConfig
+from collafuse.data import DataError, Dataset, load_dataset, partition
+from collafuse.diffusion import ddpm_sample, sample_prior, site_loss
+from collafuse.eval.classifier import classifier_info
+from collafuse.eval.quality import FeatureExtractor, domain_fid_kid
+from collafuse.experiments.flops import forward_flops, train_step_flops
+from collafuse.federation.report import save_grid, save_loss_plot
+from collafuse.schedule import make_schedule
+from collafuse.training import Trainer, atomic_write, bind, model_to_bytes
+from collafuse.unet import UNet
+
+Budget = Literal["steps", "compute"]
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """One FedAvg run on top of a :class:`RunConfig` (data, partition, batch, lr, sampling).
+
+    Attributes:
+        steps: local optimizer steps per site in total.
+        round_steps: local steps between two averagings (``R``).
+        model: the full model every site trains (``None``: the federation's site model).
+        budget: which budget ``steps`` was chosen to match, for the report.
+        budget_note: how ``steps`` was derived.
+    """
+
+    steps: int
+    round_steps: int = 50
+    model: ModelConfig | None = None
+    budget: Budget = "steps"
+    budget_note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.round_steps < 1:
+            raise ValueError(
+                f"steps and round_steps must be >= 1, got {self.steps} and {self.round_steps}"
+            )
+
+
+def weighted_average(states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+    """``sum_k w_k state_k / sum_k w_k`` for floating tensors; others are taken from the first."""
+    if not states or len(states) != len(weights):
+        raise ValueError(f"need one weight per state, got {len(states)} and {len(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {weights}")
+    out: dict[str, Tensor] = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for state, w in zip(states, weights, strict=True):
+            acc += (w / total) * state[key].to(torch.float64)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def compute_matched_steps(run: RunConfig, model: ModelConfig | None = None) -> tuple[int, str]:
+    """FedAvg steps per site with the same training FLOPs as CollaFuse at ``0 < c < 1``.
+
+    CollaFuse trains ``n`` site models and one server for ``S`` steps each:
+    ``n S F_site + S F_server``; FedAvg trains ``n`` full models of FLOPs ``F`` per step, so it
+    gets ``ceil((n S F_site + S F_server) / (n F))`` steps per site.
+    """
+    fed = run.federation
+    shape = fed.image_shape
+    f_site = train_step_flops(fed.site_model, shape, run.batch_size, fed.site_num_classes)
+    f_server = train_step_flops(fed.server_model, shape, run.batch_size, fed.server_num_classes)
+    f_full = train_step_flops(
+        model or fed.site_model, shape, run.batch_size, fed.server_num_classes
+    )
+    n = fed.n_sites
+    total = n * run.site_train_steps * f_site + run.server_train_steps * f_server
+    steps = max(1, math.ceil(total / (n * f_full)))
+    note = (
+        f"same training FLOPs as CollaFuse at 0<c<1: {n} sites x {run.site_train_steps} steps x "
+        f"{f_site:.3g} FLOPs + server {run.server_train_steps} steps x {f_server:.3g} FLOPs = "
+        f"{total:.3g}; FedAvg step {f_full:.3g} FLOPs -> {steps} steps per site"
+    )
+    return steps, note
+
+
+def _quality(real: Tensor, fake: Tensor, extractor: FeatureExtractor, seed: int) -> dict[str, Any]:
+    """Same settings as the CollaFuse report's quality section."""
+    n = min(len(real), len(fake))
+    return domain_fid_kid(
+        real, fake, extractor, kid_subsets=10, kid_subset_size=min(100, n), seed=seed
+    )
+
+
+def run_fedavg(
+    run: RunConfig,
+    cfg: FedAvgConfig,
+    out: Path,
+    *,
+    data: Dataset | None = None,
+    extractor: FeatureExtractor | None = None,
+) -> dict[str, Any]:
+    """Train and sample the FedAvg baseline; writes ``out/report.json``; returns the report."""
+    started = time.perf_counter()
+    torch.set_num_threads(run.torch_threads)
+    fed = run.federation
+    model_cfg = cfg.model or fed.site_model
+    schedule = make_schedule(fed.schedule, fed.T)
+    data = data if data is not None else load_dataset(run.data)
+    if data.shape != fed.image_shape:
+        raise DataError(f"data images are {data.shape}, the federation expects {fed.image_shape}")
+    parts = partition(
+        data.labels,
+        fed.n_sites,
+        run.partition,
+        seed=fed.seed,
+        classes_per_site=run.classes_per_site,
+        alpha=run.dirichlet_alpha,
+        images_per_site=run.images_per_site,
+        heldout_fraction=run.heldout_fraction,
+    )
+    train = [data.subset(p.train) for p in parts]
+    heldout = [data.subset(p.heldout) for p in parts]
+    n_cond = fed.server_num_classes
+    torch.manual_seed(fed.seed + 3000)
+    global_model = UNet(model_cfg.spec(), fed.image_shape[0], n_cond)
+    trainers = [
+        Trainer(copy.deepcopy(global_model), run.lr, run.ema_decay) for _ in range(fed.n_sites)
+    ]
+    weights = [float(len(d)) for d in train]
+    generator = torch.Generator().manual_seed(fed.seed)
+    meta = {"role": "fedavg-global", "federation": fed.to_json_dict()}
+    model_bytes = len(model_to_bytes(global_model, meta))
+    uploaded = dict.fromkeys(fed.sites, 0)
+    downloaded = dict.fromkeys(fed.sites, 0)
+    train_seconds = dict.fromkeys(fed.sites, 0.0)
+    average_seconds = 0.0
+    rounds, done = 0, 0
+    while done < cfg.steps:
+        n_local = min(cfg.round_steps, cfg.steps - done)
+        for k, (site, trainer) in enumerate(zip(fed.sites, trainers, strict=True)):
+            train_seconds[site] += _local_steps(
+                trainer, fed, schedule, train[k].images, k, n_local, run.batch_size, generator
+            )
+        start = time.perf_counter()
+        model_avg = weighted_average([t.model.state_dict() for t in trainers], weights)
+        ema_avg = weighted_average([t.ema.state_dict() for t in trainers], weights)
+        for site, trainer in zip(fed.sites, trainers, strict=True):
+            trainer.model.load_state_dict(model_avg)
+            trainer.ema.load_state_dict(ema_avg)
+            uploaded[site] += model_bytes
+            downloaded[site] += model_bytes
+        average_seconds += time.perf_counter() - start
+        done += n_local
+        rounds += 1
+
+    global_ema = trainers[0].ema  # every site holds the same averaged weights now
+    atomic_write(
+        out / "global_model.safetensors",
+        model_to_bytes(global_ema, meta | {"rounds": rounds, "steps": done}),
+    )
+    samples, sample_seconds = {}, {}
+    for k, site in enumerate(fed.sites):
+        start = time.perf_counter()
+        samples[site] = _sample(global_ema, fed, schedule, k, run, generator)
+        sample_seconds[site] = time.perf_counter() - start
+
+    extractor = extractor or FeatureExtractor()
+    site_rows = []
+    for k, site in enumerate(fed.sites):
+        losses = trainers[k].losses
+        site_rows.append(
+            {
+                "site": site,
+                "classes": sorted(int(c) for c in train[k].labels.unique()),
+                "n_train": len(train[k]),
+                "n_heldout": len(heldout[k]),
+                "quality": _quality(heldout[k].images, samples[site], extractor, fed.seed),
+                "compute_seconds": {"train": train_seconds[site], "sample": sample_seconds[site]},
+                "nfe": fed.T * len(samples[site]),
+                "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+                "bytes_uploaded": uploaded[site],
+                "bytes_downloaded": downloaded[site],
+            }
+        )
+    real = torch.cat([h.images for h in heldout])
+    fake = torch.cat(list(samples.values()))
+    shape = fed.image_shape
+    step_flops = train_step_flops(model_cfg, shape, run.batch_size, n_cond)
+    fwd = forward_flops(model_cfg, shape, n_cond) * fed.T
+    n_images = sum(len(d) for d in train)
+    report = {
+        "schema_version": 1,
+        "collafuse_version": collafuse.__version__,
+        "baseline": "fedavg",
+        "config": {
+            "client_fraction": None,
+            "t_cut": None,
+            "T": fed.T,
+            "schedule": fed.schedule,
+            "upload_mode": None,
+            "federation": fed.to_json_dict(),
+            "run": run.to_json_dict(),
+            "fedavg": {
+                "steps": cfg.steps,
+                "round_steps": cfg.round_steps,
+                "rounds": rounds,
+                "model": model_cfg.model_dump(mode="json"),
+                "conditioning": fed.server_conditioning,
+                "budget": cfg.budget,
+                "budget_note": cfg.budget_note,
+                "weighting": "by site training-set size",
+                "optimizer_state": "kept local (AdamW moments are not averaged)",
+            },
+        },
+        "sites": site_rows,
+        "pooled": {"quality": _quality(real, fake, extractor, fed.seed)},
+        "privacy": {
+            "applicable": False,
+            "epsilon": None,
+            "epsilon_per_pixel": None,
+            "unbounded": False,
+            "reconstruction_psnr": None,
+            "reidentification_top1": None,
+            "reidentification_chance": None,
+            "membership_inference": None,
+            "published_measures": None,
+            "disclosed_images": 0,
+            "note": (
+                "FedAvg discloses no images, but every round each site uploads model weights "
+                "trained on its images: no Gaussian mechanism, so no epsilon (null); attacks on "
+                "weights (gradient inversion, membership inference on the global model) are "
+                "not measured here."
+            ),
+        },
+        "cost": {
+            "site_nfe_per_sample": fed.T,
+            "server_nfe_per_sample": 0,
+            "site_share_of_steps": 1.0,
+            "upload_bytes_per_image": sum(uploaded.values()) / n_images,
+            "model_bytes": model_bytes,
+            "compute_seconds": {
+                "sites": {
+                    s: {"train": train_seconds[s], "sample": sample_seconds[s]} for s in fed.sites
+                },
+                "server": {"train": 0.0, "sample": 0.0, "average": average_seconds},
+            },
+            "server_nfe": 0,
+            "bytes": {
+                "uploaded_by_site": uploaded,
+                "downloaded_by_site": downloaded,
+                "by_kind": {
+                    "weights_up": sum(uploaded.values()),
+                    "weights_down": sum(downloaded.values()),
+                },
+            },
+            "flops": {
+                "counter": "torch.utils.flop_counter (matmul/conv FLOPs)",
+                "site_train_step": step_flops,
+                "server_train_step": 0,
+                "site_train_total": step_flops * done * fed.n_sites,
+                "server_train_total": 0,
+                "site_sample_per_image": fwd,
+                "server_sample_per_image": 0,
+                "site_sample_total": fwd * len(fake),
+                "server_sample_total": 0,
+            },
+        },
+        "training": {
+            "server_final_loss": None,
+            "server_steps": 0,
+            "site_steps": {s: trainers[k].step for k, s in enumerate(fed.sites)},
+            "rounds": rounds,
+        },
+        "feature_extractor": {
+            "name": "collafuse Fashion-MNIST classifier (penultimate layer)",
+            **classifier_info(),
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+        "wall_seconds": time.perf_counter() - started,
+    }
+    import json
+
+    atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False).encode())
+    for site in fed.sites:
+        save_grid(out / f"samples_{site}.png", samples[site][:64], title=f"FedAvg {site} samples")
+    curves = {f"site {s}": t.losses for s, t in zip(fed.sites, trainers, strict=True)}
+    save_loss_plot(out / "losses.png", curves)
+    return report
+
+
+def _local_steps(
+    trainer: Trainer,
+    fed: FederationConfig,
+    schedule: Any,
+    images: Tensor,
+    site_index: int,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """``steps`` full-chain DDPM steps (``t ~ U{1..T}``) on one site's images; seconds spent."""
+    start = time.perf_counter()
+    trainer.model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)
+        y = (
+            torch.full((len(idx),), site_index, dtype=torch.long)
+            if fed.server_conditioning == "site"
+            else None
+        )
+        trainer.update(site_loss(bind(trainer.model, y), schedule, images[idx], fed.T, generator))
+    trainer.model.eval()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _sample(
+    model: torch.nn.Module,
+    fed: FederationConfig,
+    schedule: Any,
+    site_index: int,
+    run: RunConfig,
+    generator: torch.Generator,
+) -> Tensor:
+    """``run.samples_per_site`` full-chain DDPM samples of one site ``[S, C, H, W]``."""
+    out, remaining = [], run.samples_per_site
+    while remaining > 0:
+        n = min(run.sample_batch_size, remaining)
+        y = (
+            torch.full((n,), site_index, dtype=torch.long)
+            if fed.server_conditioning == "site"
+            else None
+        )
+        x_T = sample_prior((n, *fed.image_shape), generator)
+        x0 = ddpm_sample(bind(model, y), schedule, x_T, generator, clip_x0=run.clip_x0)
+        out.append(x0.clamp(-1, 1))
+        remaining -= n
+    return torch.cat(out)

@@ -1,0 +1,1 @@
+"""Tests of the three services, their CLI and the local stack."""
