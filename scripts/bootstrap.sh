@@ -8,6 +8,8 @@ PYTHON="${PYTHON:-python3}"
 APT_PACKAGES="dataset-fashion-mnist prometheus"
 
 log() { printf '[bootstrap] %s\n' "$*"; }
+# pip lists this machine's local package folders it cannot use; that noise hides real errors.
+quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
 install_apt() {
   local missing=()
@@ -30,10 +32,10 @@ install_python() {
     log "creating $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  quiet_pip "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
+  quiet_pip "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
+  quiet_pip "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
 }
 
 install_s3rver() {
