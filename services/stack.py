@@ -200,7 +200,8 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
     """Write everything the processes need under ``out`` and return their commands."""
     import numpy as np
 
-    from collafuse.data import load_dataset, partition
+    from collafuse.data import load_dataset
+    from collafuse.federation.simulate import site_partitions
     from collafuse.services.http import hash_token
 
     fed = run.federation
@@ -224,16 +225,7 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
         _write_secret(out / "secrets" / f"{site}.token", token)
     plan = StackPlan(out, run, admin, tokens)
 
-    parts = partition(
-        data.labels,
-        fed.n_sites,
-        run.partition,
-        seed=fed.seed,
-        classes_per_site=run.classes_per_site,
-        alpha=run.dirichlet_alpha,
-        images_per_site=run.images_per_site,
-        heldout_fraction=run.heldout_fraction,
-    )
+    parts = site_partitions(run, data)
     for site, part in zip(fed.sites, parts, strict=True):
         train, held = data.subset(part.train), data.subset(part.heldout)
         folder = out / "sites" / site

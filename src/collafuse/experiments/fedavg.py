@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,12 @@ from torch import Tensor
 
 import collafuse
 from collafuse.config import FederationConfig, ModelConfig, RunConfig
-from collafuse.data import DataError, Dataset, load_dataset, partition
+from collafuse.data import DataError, Dataset, load_dataset
 from collafuse.diffusion import ddpm_sample, sample_prior, site_loss
-from collafuse.eval.classifier import classifier_info
 from collafuse.eval.quality import FeatureExtractor, domain_fid_kid
 from collafuse.experiments.flops import forward_flops, train_step_flops
-from collafuse.federation.report import save_grid, save_loss_plot
+from collafuse.federation.report import run_environment, save_grid, save_loss_plot
+from collafuse.federation.simulate import site_partitions
 from collafuse.schedule import make_schedule
 from collafuse.training import Trainer, atomic_write, bind, model_to_bytes
 from collafuse.unet import UNet
@@ -134,16 +133,7 @@ def run_fedavg(
     data = data if data is not None else load_dataset(run.data)
     if data.shape != fed.image_shape:
         raise DataError(f"data images are {data.shape}, the federation expects {fed.image_shape}")
-    parts = partition(
-        data.labels,
-        fed.n_sites,
-        run.partition,
-        seed=fed.seed,
-        classes_per_site=run.classes_per_site,
-        alpha=run.dirichlet_alpha,
-        images_per_site=run.images_per_site,
-        heldout_fraction=run.heldout_fraction,
-    )
+    parts = site_partitions(run, data)
     train = [data.subset(p.train) for p in parts]
     heldout = [data.subset(p.heldout) for p in parts]
     n_cond = fed.server_num_classes
@@ -297,16 +287,7 @@ def run_fedavg(
             "site_steps": {s: trainers[k].step for k, s in enumerate(fed.sites)},
             "rounds": rounds,
         },
-        "feature_extractor": {
-            "name": "collafuse Fashion-MNIST classifier (penultimate layer)",
-            **classifier_info(),
-        },
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-        },
+        **run_environment(),
         "wall_seconds": time.perf_counter() - started,
     }
     import json

@@ -281,6 +281,14 @@ def build_report(
             "server_steps": len(server.losses),
             "site_steps": {s.site: len(s.losses) for s in sites},
         },
+        **run_environment(),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def run_environment() -> dict[str, Any]:
+    """The feature extractor and the machine a report's numbers came from."""
+    return {
         "feature_extractor": {
             "name": "collafuse Fashion-MNIST classifier (penultimate layer)",
             **classifier_info(),
@@ -291,7 +299,6 @@ def build_report(
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
         },
-        "wall_seconds": wall_seconds,
     }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from collafuse.config import FederationConfig, RunConfig
-from collafuse.data import DataError, Dataset, load_dataset, partition
+from collafuse.data import DataError, Dataset, SitePartition, load_dataset, partition
 from collafuse.diffusion import sample_prior
 from collafuse.federation.messages import ByteLedger, HandOff
 from collafuse.federation.report import ServerOutcome, SiteOutcome, build_report, write_report
@@ -49,9 +49,10 @@ def load_public_set(source: str | None) -> Dataset | None:
         return None
 
 
-def make_sites(fed: FederationConfig, run: RunConfig, data: Dataset, out: Path) -> list[Site]:
-    """Partition the data between the sites (deterministic by the shared seed)."""
-    parts = partition(
+def site_partitions(run: RunConfig, data: Dataset) -> list[SitePartition]:
+    """The run's partition of ``data`` between its sites (deterministic by the shared seed)."""
+    fed = run.federation
+    return partition(
         data.labels,
         fed.n_sites,
         run.partition,
@@ -61,6 +62,11 @@ def make_sites(fed: FederationConfig, run: RunConfig, data: Dataset, out: Path) 
         images_per_site=run.images_per_site,
         heldout_fraction=run.heldout_fraction,
     )
+
+
+def make_sites(fed: FederationConfig, run: RunConfig, data: Dataset, out: Path) -> list[Site]:
+    """The in-process sites, each with its share of ``data``."""
+    parts = site_partitions(run, data)
     schedule = make_schedule(fed.schedule, fed.T)
     return [
         Site(
