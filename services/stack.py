@@ -860,12 +860,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise like Ctrl-C does, so ``finally`` blocks run."""
+    """SIGINT, SIGTERM and SIGHUP raise ``KeyboardInterrupt``, so ``finally`` blocks run.
+
+    SIGINT is installed explicitly: a launcher started in the background by a non-interactive
+    shell inherits SIGINT as ignored, and Python then never raises ``KeyboardInterrupt``.
+    """
 
     def handler(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
