@@ -25,14 +25,6 @@ from collafuse.unet import UNet
 TINY = ModelConfig(base_channels=8, channel_mults=(1, 2))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_base() -> RunConfig:
     fed = FederationConfig(T=10, client_fraction=0.5, site_model=TINY, server_model=TINY)
     return RunConfig(
