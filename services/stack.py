@@ -707,10 +707,10 @@ def evaluate(
     from collafuse.services.coordinator.ingest import PREFIX, parse_disclosure_key
     from collafuse.store import FileStore, current_checkpoint
     from collafuse.training import (
-        bind,
         build_server_model,
         model_from_bytes,
         sampling_grid,
+        server_eps_model,
         server_training_set,
     )
     from collafuse.wire import decode_tensors
@@ -751,7 +751,7 @@ def evaluate(
                 else None
             )
             with torch.no_grad():
-                return bind(model, y)(x, t)
+                return server_eps_model(model, fed, schedule, y)(x, t)
 
         return eps_model
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from collafuse.diffusion import UploadMode
+from collafuse.diffusion import Prediction, UploadMode
 from collafuse.schedule import ScheduleKind, check_t_cut, cut_step
 from collafuse.unet import UNetSpec
 
@@ -59,6 +59,7 @@ class FederationConfig(BaseModel):
     num_classes: int = Field(10, ge=1)
     sites: tuple[str, ...] = ("site-0", "site-1", "site-2")
     server_conditioning: Literal["site", "none"] = "site"
+    prediction: Prediction = "v"  # what every network outputs (collafuse.diffusion.Prediction)
     site_labels: bool = False
     share_labels: bool = False
     releases: int = Field(1, ge=1)

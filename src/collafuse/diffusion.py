@@ -27,6 +27,16 @@ EpsModel = Callable[[Tensor, Tensor], Tensor]
 UploadMode = Literal["exact", "renoise", "noise-revealed"]
 UPLOAD_MODES: tuple[UploadMode, ...] = ("exact", "renoise", "noise-revealed")
 
+Prediction = Literal["eps", "v"]
+"""What the network outputs: the noise ``eps``, or ``v = sqrt(a) eps - sqrt(1 - a) x_data``
+(Salimans & Ho 2022), where ``a`` is the signal level of ``x_t`` relative to the model's own
+data (``abar_t`` for a site, ``abar_t / abar_tc`` for the server). Sampling always works in eps
+form; ``v`` only changes what the network is asked for. Why ``v`` by default: with the clipped
+cosine schedule ``alpha_T = 0.001``, so the first reverse step multiplies an eps error by
+``1 / sqrt(alpha_T) = 31.6``; through ``eps = sqrt(a) v + sqrt(1 - a) x_t`` a ``v`` error reaches
+eps scaled by ``sqrt(a) ~ 5e-4`` there."""
+PREDICTIONS: tuple[Prediction, ...] = ("eps", "v")
+
 
 def _bcast(values: Tensor, like: Tensor) -> Tensor:
     """``[N]`` coefficients -> ``[N, 1, 1, 1]`` in ``like``'s dtype and device."""
@@ -60,6 +70,44 @@ def q_sample_from_cut(
         raise ValueError(f"server timesteps must exceed t_cut={t_cut}")
     ratio = _abar(schedule, t) / schedule.abar(t_cut)
     return _bcast(ratio.sqrt(), x_tc) * x_tc + _bcast((1 - ratio).sqrt(), x_tc) * eps
+
+
+def eps_from_v(v: Tensor, x_t: Tensor, a: Tensor) -> Tensor:
+    """``eps = sqrt(a) v + sqrt(1 - a) x_t`` for per-sample levels ``a: [N]`` (float64 ok)."""
+    return _bcast(a.sqrt(), x_t) * v + _bcast((1 - a).sqrt(), x_t) * x_t
+
+
+def v_target(x_data: Tensor, eps: Tensor, a: Tensor) -> Tensor:
+    """``v = sqrt(a) eps - sqrt(1 - a) x_data`` for ``x_t = sqrt(a) x_data + sqrt(1 - a) eps``."""
+    return _bcast(a.sqrt(), eps) * eps - _bcast((1 - a).sqrt(), eps) * x_data
+
+
+def relative_abar(schedule: Schedule, t: Tensor, ref_t: int = 0) -> Tensor:
+    """``abar_t / abar_ref`` ``[N]`` (float64): the signal level of ``x_t`` over data at ref_t."""
+    return _abar(schedule, t) / schedule.abar(ref_t)
+
+
+def as_eps_model(
+    net: EpsModel, schedule: Schedule, prediction: Prediction = "eps", ref_t: int = 0
+) -> EpsModel:
+    """The eps predictor of a network that outputs ``prediction`` for data at level ``ref_t``."""
+    if prediction == "eps":
+        return net
+    if prediction != "v":
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {PREDICTIONS}")
+
+    def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
+        return eps_from_v(net(x_t, t), x_t, relative_abar(schedule, t, ref_t))
+
+    return eps_model
+
+
+def _target(prediction: Prediction, x_data: Tensor, eps: Tensor, a: Tensor) -> Tensor:
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return v_target(x_data, eps, a)
+    raise ValueError(f"unknown prediction {prediction!r}; allowed: {PREDICTIONS}")
 
 
 def q_sample_renoise(schedule: Schedule, x_tc: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -103,12 +151,15 @@ def site_loss(
     x0: Tensor,
     t_cut: int,
     generator: torch.Generator,
+    prediction: Prediction = "eps",
 ) -> Tensor:
-    """Site DDPM loss on its own data, ``t ~ U{1..t_c}``: ``||eps - eps_phi(x_t, t)||^2``."""
+    """Site DDPM loss on its own data, ``t ~ U{1..t_c}``: ``||eps - eps_phi(x_t, t)||^2``
+    (``eps_model`` is the raw network; with ``prediction="v"`` its target is ``v``)."""
     t = sample_timesteps(x0.shape[0], 1, t_cut, generator)
     eps = _noise_like(x0, generator)
     x_t = q_sample(schedule, x0, t, eps)
-    return F.mse_loss(eps_model(x_t, t.to(x0.device)), eps)
+    target = _target(prediction, x0, eps, relative_abar(schedule, t))
+    return F.mse_loss(eps_model(x_t, t.to(x0.device)), target)
 
 
 def server_loss(
@@ -118,8 +169,10 @@ def server_loss(
     t_cut: int,
     generator: torch.Generator,
     upload_mode: UploadMode = "exact",
+    prediction: Prediction = "eps",
 ) -> Tensor:
-    """Server loss on disclosed images, ``t ~ U{t_c+1..T}``, target the server's own noise.
+    """Server loss on disclosed images, ``t ~ U{t_c+1..T}``, target the server's own noise
+    (or, with ``prediction="v"``, the ``v`` of the server's own chain; see :func:`server_ref_t`).
 
     ``exact``: ``x_t`` from the exact conditional ``q(x_t | x_tc)``.
     ``renoise``: the journal code's ``sqrt(abar_t) x_tc + sqrt(1 - abar_t) eps'`` (ablation).
@@ -134,7 +187,14 @@ def server_loss(
         x_t = q_sample(schedule, x_tc, t, eps)
     else:
         raise ValueError(f"unknown upload_mode {upload_mode!r}; allowed: {UPLOAD_MODES}")
-    return F.mse_loss(eps_model(x_t, t.to(x_tc.device)), eps)
+    a = relative_abar(schedule, t, server_ref_t(t_cut, upload_mode))
+    return F.mse_loss(eps_model(x_t, t.to(x_tc.device)), _target(prediction, x_tc, eps, a))
+
+
+def server_ref_t(t_cut: int, upload_mode: UploadMode = "exact") -> int:
+    """The level of the server's data: ``t_c`` for the exact split; the ablations treat the
+    upload as clean data (level 0)."""
+    return t_cut if upload_mode == "exact" else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +324,7 @@ def server_sample(
     full-schedule DDPM, treating the server's estimate as clean data.
     """
     server_part = split_grid(grid, t_cut)[0] if grid else list(range(schedule.T, t_cut - 1, -1))
-    ref_t = t_cut if upload_mode == "exact" else 0
+    ref_t = server_ref_t(t_cut, upload_mode)
     if upload_mode not in UPLOAD_MODES:
         raise ValueError(f"unknown upload_mode {upload_mode!r}; allowed: {UPLOAD_MODES}")
     return denoise(eps_model, schedule, x_T, server_part, generator, ref_t=ref_t)

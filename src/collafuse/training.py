@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from collafuse.config import FederationConfig, ModelConfig
 from collafuse.diffusion import (
     EpsModel,
+    as_eps_model,
     disclose,
     make_grid,
     renoise_start_step,
     sample_prior,
     server_loss,
+    server_ref_t,
     server_sample,
     site_loss,
     site_sample,
@@ -54,6 +56,21 @@ def bind(model: torch.nn.Module, y: Tensor | None) -> EpsModel:
         return model(x_t, t, y)
 
     return eps_model
+
+
+def site_eps_model(
+    model: torch.nn.Module, fed: FederationConfig, schedule: Schedule, y: Tensor | None
+) -> EpsModel:
+    """A site model (or a full-chain FedAvg model) as the eps predictor sampling uses."""
+    return as_eps_model(bind(model, y), schedule, fed.prediction, 0)
+
+
+def server_eps_model(
+    model: torch.nn.Module, fed: FederationConfig, schedule: Schedule, y: Tensor | None
+) -> EpsModel:
+    """The server model as the eps predictor of its own chain (data at ``t_c``)."""
+    ref_t = server_ref_t(fed.t_cut, fed.upload_mode)
+    return as_eps_model(bind(model, y), schedule, fed.prediction, ref_t)
 
 
 @dataclass
@@ -151,7 +168,9 @@ def train_site(
 
     def loss_fn(idx: Tensor, g: torch.Generator) -> Tensor:
         y = labels[idx] if (labels is not None and fed.site_labels) else None
-        return site_loss(bind(trainer.model, y), schedule, images[idx], fed.t_cut, g)
+        return site_loss(
+            bind(trainer.model, y), schedule, images[idx], fed.t_cut, g, fed.prediction
+        )
 
     return _train(
         trainer, len(images), loss_fn, steps, batch_size, generator, time_budget_s, "site", progress
@@ -179,7 +198,13 @@ def train_server(
     def loss_fn(idx: Tensor, g: torch.Generator) -> Tensor:
         y = site_ids[idx] if fed.server_conditioning == "site" else None
         return server_loss(
-            bind(trainer.model, y), schedule, x_tc[idx], fed.t_cut, g, fed.upload_mode
+            bind(trainer.model, y),
+            schedule,
+            x_tc[idx],
+            fed.t_cut,
+            g,
+            fed.upload_mode,
+            fed.prediction,
         )
 
     return _train(
@@ -252,7 +277,13 @@ def server_handoffs(
     x_T = sample_prior((len(site_ids), *fed.image_shape), generator)
     y = site_ids if fed.server_conditioning == "site" else None
     return server_sample(
-        bind(model, y), schedule, fed.t_cut, x_T, generator, grid=grid, upload_mode=fed.upload_mode
+        server_eps_model(model, fed, schedule, y),
+        schedule,
+        fed.t_cut,
+        x_T,
+        generator,
+        grid=grid,
+        upload_mode=fed.upload_mode,
     )
 
 
@@ -271,7 +302,7 @@ def site_finish(
     """The site's half: hand-offs ``x_tc [N, C, H, W]`` to images ``x0``, clamped to [-1, 1]."""
     y = labels if fed.site_labels else None
     x0 = site_sample(
-        bind(model, y),
+        site_eps_model(model, fed, schedule, y),
         schedule,
         fed.t_cut,
         x_tc,

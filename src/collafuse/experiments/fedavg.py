@@ -30,10 +30,16 @@ from collafuse.data import DataError, Dataset, load_dataset
 from collafuse.diffusion import ddpm_sample, sample_prior, site_loss
 from collafuse.eval.quality import FeatureExtractor, domain_fid_kid
 from collafuse.experiments.flops import forward_flops, train_step_flops
-from collafuse.federation.report import run_environment, save_grid, save_loss_plot
+from collafuse.federation.report import (
+    SAMPLES_FILE,
+    run_environment,
+    save_grid,
+    save_loss_plot,
+    save_samples,
+)
 from collafuse.federation.simulate import site_partitions
 from collafuse.schedule import make_schedule
-from collafuse.training import Trainer, atomic_write, bind, model_to_bytes
+from collafuse.training import Trainer, atomic_write, bind, model_to_bytes, site_eps_model
 from collafuse.unet import UNet
 
 Budget = Literal["steps", "compute"]
@@ -295,6 +301,7 @@ def run_fedavg(
     atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False).encode())
     for site in fed.sites:
         save_grid(out / f"samples_{site}.png", samples[site][:64], title=f"FedAvg {site} samples")
+    save_samples(out / SAMPLES_FILE, samples)
     curves = {f"site {s}": t.losses for s, t in zip(fed.sites, trainers, strict=True)}
     save_loss_plot(out / "losses.png", curves)
     return report
@@ -320,7 +327,11 @@ def _local_steps(
             if fed.server_conditioning == "site"
             else None
         )
-        trainer.update(site_loss(bind(trainer.model, y), schedule, images[idx], fed.T, generator))
+        trainer.update(
+            site_loss(
+                bind(trainer.model, y), schedule, images[idx], fed.T, generator, fed.prediction
+            )
+        )
     trainer.model.eval()
     return time.perf_counter() - start
 
@@ -344,7 +355,8 @@ def _sample(
             else None
         )
         x_T = sample_prior((n, *fed.image_shape), generator)
-        x0 = ddpm_sample(bind(model, y), schedule, x_T, generator, clip_x0=run.clip_x0)
+        eps_model = site_eps_model(model, fed, schedule, y)
+        x0 = ddpm_sample(eps_model, schedule, x_T, generator, clip_x0=run.clip_x0)
         out.append(x0.clamp(-1, 1))
         remaining -= n
     return torch.cat(out)

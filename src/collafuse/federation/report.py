@@ -325,7 +325,27 @@ def write_report(
     atomic_write(out / "report.json", blob)
     for s in sites:
         save_grid(out / f"samples_{s.site}.png", s.samples[:64], title=f"{s.site} samples")
+    save_samples(out / SAMPLES_FILE, {s.site: s.samples for s in sites})
     save_loss_plot(out / "losses.png", losses)
+
+
+SAMPLES_FILE = "samples.safetensors"
+
+
+def save_samples(path: Path, samples: dict[str, Tensor]) -> None:
+    """Every site's generated images ``[S, C, H, W]`` in [-1, 1], one tensor per site id
+    (float16, atomic): what later evaluations, such as Inception FID, read back."""
+    from safetensors.torch import save
+
+    state = {site: x.detach().to(torch.float16).contiguous().cpu() for site, x in samples.items()}
+    atomic_write(path, save(state))
+
+
+def load_samples(path: Path) -> dict[str, Tensor]:
+    """What :func:`save_samples` wrote, as float32."""
+    from safetensors.torch import load
+
+    return {site: x.to(torch.float32) for site, x in load(path.read_bytes()).items()}
 
 
 def save_grid(path: Path, images: Tensor, title: str = "", ncol: int = 8) -> None:

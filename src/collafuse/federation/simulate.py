@@ -26,8 +26,8 @@ from collafuse.federation.roles import Server, Site
 from collafuse.schedule import make_schedule
 from collafuse.training import (
     atomic_write,
-    bind,
     sampling_grid,
+    server_eps_model,
     server_training_set,
     steps_per_sample,
 )
@@ -179,7 +179,7 @@ def _server_eps(server: Server, fed: FederationConfig, site: str) -> Any:
             if fed.server_conditioning == "site"
             else None
         )
-        return bind(server.trainer.ema, y)(x, t)
+        return server_eps_model(server.trainer.ema, fed, server.schedule, y)(x, t)
 
     return eps_model
 
