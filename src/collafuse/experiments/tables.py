@@ -56,6 +56,7 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "client_fraction": cfg.get("client_fraction"),
         "t_cut": cfg.get("t_cut"),
         "T": cfg["T"],
+        "seed": _get(cfg, "federation", "seed"),
         "schedule": cfg["schedule"],
         "n_sites": n_sites,
         "pixels": math.prod(cfg["federation"]["image_shape"]),
@@ -69,6 +70,7 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "kid_sum": sum(s["quality"]["kid"] for s in sites),
         "fid_pooled": report["pooled"]["quality"]["fid"],
         "kid_pooled": report["pooled"]["quality"]["kid"],
+        "fid_pooled_inception": _get(report, "pooled", "inception", "fid"),
         "n_fake_per_site": sites[0]["quality"]["n_fake"],
         "epsilon": priv.get("epsilon"),
         "epsilon_per_pixel": priv.get("epsilon_per_pixel"),
@@ -182,6 +184,7 @@ def markdown(summary: dict[str, Any]) -> str:
     sites = list(rows[0]["fid_by_site"])
     lines += ["", "## Quality (domain FID/KID, classifier features; lower is better)", ""]
     head = ["point", "t_cut", *[f"FID {s}" for s in sites], "FID mean", "FID pooled", "KID sum"]
+    head.append("Inception FID pooled")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -191,6 +194,7 @@ def markdown(summary: dict[str, Any]) -> str:
             _f(r["fid_site_mean"], ".1f"),
             _f(r["fid_pooled"], ".1f"),
             _f(r["kid_sum"], ".3f"),
+            _f(r.get("fid_pooled_inception"), ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Privacy (what the server can learn from the uploads)", ""]

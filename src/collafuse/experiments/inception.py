@@ -1,0 +1,109 @@
+"""``collafuse inception``: Inception FID of finished sweep points, added to their reports.
+
+Inception FID costs about half a second per image on one CPU thread, so it runs after a sweep
+on the points chosen for the final table, not inside every point. For each point it reads the
+samples the run saved (``samples.safetensors``), rebuilds the same sites' held-out images from
+the point's own config (the partition is deterministic by the shared seed), computes the pooled
+Inception FID and writes it into the point's ``report.json`` as ``pooled.inception``
+(atomically), so that a run's figures still come from that run's report and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from collafuse.config import RunConfig
+from collafuse.data import Dataset, load_dataset
+from collafuse.eval.inception import WEIGHTS_SHA1, InceptionFeatures
+from collafuse.eval.quality import frechet_distance
+from collafuse.federation.report import SAMPLES_FILE, load_samples
+from collafuse.training import atomic_write
+
+
+class InceptionEvalError(ValueError):
+    """A point that cannot be evaluated (not finished, or saved without its samples)."""
+
+
+def heldout_images(run: RunConfig, data: Dataset) -> torch.Tensor:
+    """Every site's held-out images of ``run``, pooled ``[N, C, H, W]``."""
+    from collafuse.federation.simulate import site_partitions
+
+    return torch.cat([data.subset(p.heldout).images for p in site_partitions(run, data)])
+
+
+def _partition_key(run: RunConfig) -> str:
+    """What decides the held-out images: equal keys, equal real sets."""
+    fed = run.federation
+    fields = ("data", "partition", "classes_per_site", "dirichlet_alpha", "images_per_site")
+    parts = {f: getattr(run, f) for f in (*fields, "heldout_fraction")}
+    return json.dumps(parts | {"sites": fed.sites, "seed": fed.seed}, sort_keys=True)
+
+
+def _point_files(point: Path) -> tuple[dict[str, Any], RunConfig, Path]:
+    report_path, samples_path = point / "report.json", point / SAMPLES_FILE
+    if not report_path.is_file():
+        raise InceptionEvalError(f"{point} is not a finished point (no report.json)")
+    if not samples_path.is_file():
+        raise InceptionEvalError(
+            f"{point} has no {SAMPLES_FILE} (run before samples were saved): run it again"
+        )
+    meta = json.loads((point / "point.json").read_text())
+    return json.loads(report_path.read_text()), RunConfig.model_validate(meta["run"]), samples_path
+
+
+def evaluate_point(
+    point: Path,
+    extractor: InceptionFeatures,
+    data: Dataset,
+    real_cache: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Pooled Inception FID of one point; returns the section written to its report."""
+    report, run, samples_path = _point_files(point)
+    started = time.perf_counter()
+    key = _partition_key(run)
+    cache = real_cache if real_cache is not None else {}
+    if key not in cache:
+        cache[key] = extractor(heldout_images(run, data))
+    real = cache[key]
+    fake = torch.cat(list(load_samples(samples_path).values()))
+    section = {
+        "fid": frechet_distance(real, extractor(fake)),
+        "n_real": int(real.shape[0]),
+        "n_fake": int(fake.shape[0]),
+        "network": f"FID Inception v3 (pt_inception-2015-12-05), sha1 {WEIGHTS_SHA1}",
+        "seconds": time.perf_counter() - started,
+    }
+    report.setdefault("pooled", {})["inception"] = section
+    blob = json.dumps(report, indent=2, allow_nan=False).encode()
+    atomic_write(point / "report.json", blob)
+    return section
+
+
+def evaluate_sweep(
+    sweep: Path, names: Sequence[str], *, data_source: str | None = None, force: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Inception FID of the named points of ``sweep`` (skipping those already done unless
+    ``force``), then the sweep's summary is rebuilt."""
+    from collafuse.experiments.tables import write_summary
+
+    points = [sweep / "points" / n for n in names]
+    for p in points:
+        _point_files(p)  # fail before any work on a bad name
+    extractor, data = InceptionFeatures(), load_dataset(data_source)
+    cache: dict[str, torch.Tensor] = {}
+    results = {}
+    for p in points:
+        done = json.loads((p / "report.json").read_text()).get("pooled", {}).get("inception")
+        if done and not force:
+            results[p.name] = done
+            continue
+        results[p.name] = evaluate_point(p, extractor, data, cache)
+        print(f"{p.name}: Inception FID {results[p.name]['fid']:.1f}", flush=True)
+    write_summary(sweep)
+    return results
