@@ -1,38 +1,61 @@
-# Experiments (docs/results.md): include from the main Makefile with
-#   include mk/experiments.mk
-# experiments   the cut sweep on Fashion-MNIST: exact split at c = 0 (centralized) .. 1 (local-only),
-#               FedAvg at the same steps and at the same training FLOPs, renoise at the inner c;
-#               resumable point by point, stops between points after EXP_HOURS (run it again to
-#               continue). About 60-70 min on 2 shared CPU cores with docs/results/sweep_config.json.
-# experiments-summary  rebuild the tables and plots from the finished points only
-# advise        recommend a cut from the sweep (EXP_MAX_REID, EXP_MAX_SHARE)
+# Experiments (docs/results.md): included from the main Makefile.
+# experiments          the cut sweep on Fashion-MNIST for one seed (EXP_SEED): the exact split at
+#                      c = 0 (centralized) .. 1 (local-only), FedAvg at the same steps and at the
+#                      same training FLOPs, renoise at the inner c; resumable point by point, stops
+#                      between points after EXP_HOURS (run it again to continue).
+#                      docs/results.md gives the wall times measured on 2 CPU cores.
+# experiments-summary  rebuild one seed's tables and plots from its finished points only
+# experiments-inception  Inception FID (about 0.5 s per image per core) of EXP_INCEPTION_POINTS
+# experiments-seeds    group the seeds' sweeps point by point (mean and range)
+# advise               recommend a cut from one seed's sweep (EXP_MAX_REID, EXP_MAX_SHARE)
+# experiments-publish  copy tables, JSON, plots and per-point reports into docs/results/
 
 EXP_PYTHON ?= .venv/bin/python
-EXP_OUT ?= runs/experiments
+EXP_SEED ?= 0
+EXP_SEEDS ?= 0 1
+EXP_OUT_PREFIX ?= runs/experiments/seed-
+EXP_OUT ?= $(EXP_OUT_PREFIX)$(EXP_SEED)
 EXP_CONFIG ?= docs/results/sweep_config.json
+EXP_FRACTIONS ?= 0,0.2,0.4,0.6,0.8,0.9,1.0
+EXP_MODES ?= exact,renoise
 EXP_HOURS ?= 2
 EXP_MAX_REID ?= 0.2
-EXP_MAX_SHARE ?= 0.9
+EXP_MAX_SHARE ?= 0.95
+EXP_INCEPTION_POINTS ?= exact-c0.00,exact-c0.60,exact-c0.90,exact-c1.00,fedavg-compute
+EXP_DOCS ?= docs/results
 
-.PHONY: experiments experiments-summary advise
+.PHONY: experiments experiments-summary experiments-inception experiments-seeds advise \
+	experiments-publish
 
 experiments:
 	$(EXP_PYTHON) -m collafuse.experiments sweep --out $(EXP_OUT) --config $(EXP_CONFIG) \
-		--fractions 0,0.2,0.4,0.6,0.8,1.0 --modes exact,renoise --fedavg --round-steps 30 \
-		--max-hours $(EXP_HOURS)
+		--fractions $(EXP_FRACTIONS) --modes $(EXP_MODES) --fedavg --round-steps 50 \
+		--seed $(EXP_SEED) --threads 1 --max-hours $(EXP_HOURS)
 
 experiments-summary:
 	$(EXP_PYTHON) -m collafuse.experiments sweep --out $(EXP_OUT) --summarize
+
+experiments-inception:
+	$(EXP_PYTHON) -m collafuse.experiments inception --sweep $(EXP_OUT) \
+		--points $(EXP_INCEPTION_POINTS)
+
+experiments-seeds:
+	$(EXP_PYTHON) -m collafuse.experiments seeds $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) \
+		--out runs/experiments
 
 advise:
 	$(EXP_PYTHON) -m collafuse.experiments advise --sweep $(EXP_OUT) \
 		--max-reid $(EXP_MAX_REID) --max-site-share $(EXP_MAX_SHARE)
 
-# experiments-publish  copy the sweep's tables, JSON, plots and per-point reports into docs/results/
-.PHONY: experiments-publish
 experiments-publish:
-	mkdir -p docs/results/plots docs/results/points
-	cp $(EXP_OUT)/summary.json $(EXP_OUT)/summary.md $(EXP_OUT)/sweep.json docs/results/
-	cp $(EXP_OUT)/plots/*.png docs/results/plots/
-	for d in $(EXP_OUT)/points/*/; do n=$$(basename $$d); case $$n in *.partial) continue;; esac; \
-		mkdir -p docs/results/points/$$n; cp $$d/report.json docs/results/points/$$n/; done
+	for s in $(EXP_SEEDS); do src=$(EXP_OUT_PREFIX)$$s; dst=$(EXP_DOCS)/seed-$$s; \
+		[ -d $$src ] || continue; mkdir -p $$dst/plots; \
+		cp $$src/summary.json $$src/summary.md $$src/sweep.json $$dst/; \
+		cp $$src/plots/*.png $$dst/plots/; \
+		for d in $$src/points/*/; do n=$$(basename $$d); case $$n in *.partial) continue;; esac; \
+			mkdir -p $$dst/points/$$n; cp $$d/report.json $$dst/points/$$n/; done; \
+	done
+	mkdir -p $(EXP_DOCS)/plots
+	if [ -f runs/experiments/seeds.json ]; then cp runs/experiments/seeds.json \
+		runs/experiments/seeds.md $(EXP_DOCS)/; cp runs/experiments/plots/seeds_fid.png \
+		$(EXP_DOCS)/plots/; fi

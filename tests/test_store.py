@@ -373,8 +373,8 @@ def test_file_failure_mid_write_keeps_the_old_value(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(StoreError, match="cannot write store key 'k'"):
-        store.put("k", b"new value that never lands")
+    with pytest.raises(StoreUnavailable, match="cannot write store key 'k'"):
+        store.put("k", b"new value that never lands")  # the disk failing: 503, retry later
     monkeypatch.undo()
     assert store.get("k") == b"old"
     assert _all_files(tmp_path) == ["k"]
@@ -393,8 +393,9 @@ def test_file_key_conflicts_are_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="'a/b'"):
         store.put("a/b", b"under a file")
     store.put("d/e", b"1")
-    with pytest.raises(StoreError, match="'d'"):
+    with pytest.raises(StoreError, match="'d'") as conflict:
         store.put("d", b"over a folder")
+    assert not isinstance(conflict.value, StoreUnavailable)  # a conflict is not an outage
     assert not store.exists("d")
     with pytest.raises(NotFound):
         store.get("d")

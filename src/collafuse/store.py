@@ -173,7 +173,7 @@ class FileStore(Store):
                 f"store key {key!r} conflicts with an object at a parent path"
             ) from exc
         except OSError as exc:
-            raise StoreError(f"cannot create the folder for store key {key!r}: {exc}") from exc
+            raise _os_failure(f"cannot create the folder for store key {key!r}", exc) from exc
         _atomic_write(path, bytes(data), key)
 
     def get(self, key: str) -> bytes:
@@ -183,7 +183,7 @@ class FileStore(Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise NotFound(f"store key {key!r} not found") from exc
         except OSError as exc:
-            raise StoreError(f"cannot read store key {key!r}: {exc}") from exc
+            raise _os_failure(f"cannot read store key {key!r}", exc) from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -211,7 +211,7 @@ class FileStore(Store):
         except (NotADirectoryError, IsADirectoryError):
             return
         except OSError as exc:
-            raise StoreError(f"cannot delete store key {key!r}: {exc}") from exc
+            raise _os_failure(f"cannot delete store key {key!r}", exc) from exc
 
     def check(self) -> None:
         try:
@@ -220,6 +220,19 @@ class FileStore(Store):
             raise StoreError(f"store root {str(self.root)!r} cannot be created: {exc}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store root {str(self.root)!r} is not writable")
+
+
+_CONFLICTS = (FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def _os_failure(what: str, exc: OSError) -> StoreError:
+    """A filesystem error as a store error: a key that collides with a folder (or a folder
+    with a key) is a :class:`StoreError`; anything else (a full or read-only disk, an I/O
+    error, a mount that went away, permissions) is the backend failing, so
+    :class:`StoreUnavailable` (503 with ``Retry-After``): the same call may succeed later."""
+    if isinstance(exc, _CONFLICTS):
+        return StoreError(f"{what}: it conflicts with an object at a parent path ({exc})")
+    return StoreUnavailable(f"{what}: {exc}")
 
 
 def _atomic_write(path: Path, data: bytes, key: str) -> None:
@@ -234,7 +247,7 @@ def _atomic_write(path: Path, data: bytes, key: str) -> None:
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise StoreError(f"cannot write store key {key!r}: {exc}") from exc
+            raise _os_failure(f"cannot write store key {key!r}", exc) from exc
         raise
     _fsync_dir(path.parent)
 

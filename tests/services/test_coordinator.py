@@ -4,6 +4,7 @@ idempotency, the raw-data guard, config and auth, the store going away."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,6 +272,28 @@ def test_store_down_gives_503_retry_after_and_nothing_half_written(tmp_path: Pat
         assert flaky.list("disclosures/") == []
         assert upload(client, fed, "site-a", body).status_code == 201  # the retry succeeds
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_failing_disk_under_the_file_store_is_503_not_500(
+    tmp_path: Path, fed, auth, monkeypatch: pytest.MonkeyPatch
+):
+    """The real FileStore on a disk that fails (EIO at fsync): the dependency is down."""
+    store = FileStore(tmp_path / "store")
+    app = create_coordinator_app(fed, store, auth)
+    with TestClient(app) as client:
+        body = disclosure(fed, "site-a")
+
+        def broken_fsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", broken_fsync)
+        answer = upload(client, fed, "site-a", body)
+        monkeypatch.undo()
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"].isdigit()
+        assert "Input/output error" in answer.json()["detail"]
+        assert store.list("disclosures/") == []  # nothing half-written
+        assert upload(client, fed, "site-a", body).status_code == 201
 
 
 def test_starts_while_the_store_is_down_and_recovers(tmp_path: Path, fed, auth):
