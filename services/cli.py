@@ -494,6 +494,7 @@ def _site(args: argparse.Namespace) -> int:
         site_steps=args.site_steps or run.site_sample_steps,
         clip_x0=run.clip_x0,
         fp16=args.fp16,
+        prefetch=not args.no_prefetch,
         seed=args.seed,
         device=resolve_device(args.device),
     )
@@ -564,6 +565,11 @@ def _add_site(sub: Any) -> None:
     p.add_argument("--server-steps", type=_positive_int, default=None)
     p.add_argument("--site-steps", type=_positive_int, default=None)
     p.add_argument("--fp16", action="store_true", help="float16 tensors on the wire")
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="wait for each finished batch before requesting the next hand-offs",
+    )
     p.add_argument(
         "--exit-when-done", action="store_true", help="exit after training (and --samples)"
     )

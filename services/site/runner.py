@@ -23,6 +23,8 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ class SiteOptions:
     site_steps: int | None = None
     clip_x0: bool = True
     fp16: bool = False  # disclosure and hand-offs as float16 on the wire
+    prefetch: bool = True  # request the next hand-offs while finishing the current ones
     max_upload_images: int = 5000  # images per disclosure part
     seed: int | None = None  # minibatches and sampling (never the disclosure's noise)
     device: str = "cpu"  # where the network runs (resolved: cpu, cuda, cuda:N)
@@ -335,9 +338,8 @@ class SiteRunner:
             versions: set[int] = set()
             start = time.perf_counter()
             site_nfe = len([t for t in grid if t < fed.t_cut]) if grid else fed.t_cut
-            for lo in range(0, n, opts.sample_request):
-                k = min(opts.sample_request, n - lo)
-                x_tc, version = self._handoffs(k)
+            sizes = [min(opts.sample_request, n - lo) for lo in range(0, n, opts.sample_request)]
+            for k, (x_tc, version) in zip(sizes, self._handoff_stream(sizes), strict=True):
                 versions.add(version)
                 labels = self._sample_labels(k)
                 t0 = time.perf_counter()
@@ -385,6 +387,24 @@ class SiteRunner:
                 "seconds": time.perf_counter() - start,
                 "server_versions": sorted(versions),
             }
+
+    def _handoff_stream(self, sizes: list[int]) -> Iterator[tuple[Tensor, int]]:
+        """Hand-offs for requests of ``sizes``, in order. With ``prefetch`` the next request
+        is in flight at the server while this site finishes the current one, so server and
+        site work overlap and the server sees more requests at once to batch; a failed
+        request raises here, in order, exactly as without prefetching. Local-only draws its
+        priors from the site's own generator, so it never prefetches."""
+        if not self.options.prefetch or self.fed.t_cut == self.fed.T or len(sizes) < 2:
+            for k in sizes:
+                yield self._handoffs(k)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-prefetch") as pool:
+            pending = pool.submit(self._handoffs, sizes[0])
+            for nxt in [*sizes[1:], None]:
+                result = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(self._handoffs, nxt)
+                yield result
 
     def _handoffs(self, k: int) -> tuple[Tensor, int]:
         """``k`` hand-offs ``x_tc`` from the server and its checkpoint version (local-only,

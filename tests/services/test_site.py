@@ -4,6 +4,7 @@ then a clear error; the private state stays in the site folder."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,55 @@ def test_local_only_discloses_nothing_and_samples_without_the_server(tmp_path):
     result = runner.generate(3)
     assert result["n"] == 3 and result["server_versions"] == [-1]
     assert runner.nfe == 3 * fed.T
+
+
+def test_prefetch_overlaps_the_next_request_and_keeps_order_and_errors(tmp_path, monkeypatch):
+    """With prefetch the second request is sent before the first batch is finished here;
+    results come back in request order, and a failing request fails generate() as before."""
+    from collafuse.services.site import runner as runner_module
+
+    from .servicekit import tiny_fed
+
+    fed = tiny_fed(client_fraction=0.5)
+    events: list[str] = []
+    started: dict[int, threading.Event] = {}
+    overlap: list[bool] = []
+    real_finish = runner_module.site_finish
+
+    def run(prefetch: bool, fail_on: int | None = None) -> list[str]:
+        events.clear()
+        started.clear()
+        started.update({i: threading.Event() for i in range(4)})
+        r = _runner(fed, "http://127.0.0.1:9", tmp_path / f"p{prefetch}{fail_on}", retries=0)
+        r.options = SiteOptions(**{**r.options.__dict__, "sample_request": 2, "prefetch": prefetch})
+        calls = iter(range(100))
+
+        def handoffs(k: int):
+            i = next(calls)
+            events.append(f"request {i}")
+            started[i].set()
+            if i == fail_on:
+                raise ServiceError("server down (test)")
+            return torch.full((k, *fed.image_shape), float(i)), 7
+
+        def finish(model, fed_, schedule, x_tc, *args, **kwargs):
+            batch = int(x_tc[0, 0, 0, 0])
+            if prefetch and batch == 0:  # the next request is sent while this batch runs
+                overlap.append(started[1].wait(10))
+            events.append(f"finish {batch}")
+            return real_finish(model, fed_, schedule, x_tc, *args, **kwargs)
+
+        monkeypatch.setattr(r, "_handoffs", handoffs)
+        monkeypatch.setattr(runner_module, "site_finish", finish)
+        r.trained.set()
+        result = r.generate(6)
+        assert result["server_versions"] == [7]
+        return list(events)
+
+    serial = run(prefetch=False)
+    assert serial == ["request 0", "finish 0", "request 1", "finish 1", "request 2", "finish 2"]
+    overlapped = run(prefetch=True)
+    assert [e for e in overlapped if e.startswith("finish")] == ["finish 0", "finish 1", "finish 2"]
+    assert overlap == [True]  # request 1 was in flight while batch 0 was being finished
+    with pytest.raises(ServiceError, match="server down"):
+        run(prefetch=True, fail_on=1)
