@@ -21,7 +21,7 @@ EXP_MODES ?= exact,renoise
 EXP_HOURS ?= 2
 EXP_MAX_REID ?= 0.2
 EXP_MAX_SHARE ?= 0.95
-EXP_INCEPTION_POINTS ?= exact-c0.00,exact-c0.60,exact-c0.90,exact-c1.00,fedavg-compute
+EXP_INCEPTION_POINTS ?= exact-c0.00,exact-c0.40,exact-c0.60,exact-c0.90,exact-c1.00,fedavg-compute
 EXP_DOCS ?= docs/results
 
 .PHONY: experiments experiments-summary experiments-inception experiments-seeds advise \

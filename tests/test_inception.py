@@ -94,6 +94,8 @@ def test_inception_of_a_sweep_point_lands_in_its_report(
     report = json.loads((folder / "report.json").read_text())
     assert report["pooled"]["inception"] == section
     assert section["n_fake"] == 24 and section["n_real"] == 24 and section["fid"] > 0
+    assert section["fid_real_floor"] > 0  # the sites' training images at the same sizes
+    assert evaluate_point(folder, extractor, data) == section  # kept, not recomputed
     # A point saved without samples: the CLI names the problem, the report is untouched.
     (folder / "samples.safetensors").unlink()
     before = (folder / "report.json").read_bytes()

@@ -294,7 +294,10 @@ def cmd_inception(args: argparse.Namespace) -> int:
     except (InceptionEvalError, InceptionUnavailable, DataError) as e:
         raise UsageError(str(e)) from None
     for name, r in results.items():
-        print(f"{name}: Inception FID {r['fid']:.2f} ({r['n_fake']} vs {r['n_real']} images)")
+        print(
+            f"{name}: Inception FID {r['fid']:.2f}, real-data floor {r['fid_real_floor']:.2f} "
+            f"({r['n_fake']} vs {r['n_real']} images)"
+        )
     return 0
 
 

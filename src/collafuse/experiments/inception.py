@@ -57,39 +57,73 @@ def _point_files(point: Path) -> tuple[dict[str, Any], RunConfig, Path]:
     return json.loads(report_path.read_text()), RunConfig.model_validate(meta["run"]), samples_path
 
 
+def training_images(run: RunConfig, data: Dataset, per_site: dict[str, int]) -> torch.Tensor:
+    """The first ``per_site[site]`` training images of every site of ``run``, pooled."""
+    from collafuse.federation.simulate import site_partitions
+
+    parts = site_partitions(run, data)
+    return torch.cat(
+        [
+            data.subset(p.train).images[: per_site[site]]
+            for site, p in zip(run.federation.sites, parts, strict=True)
+        ]
+    )
+
+
 def evaluate_point(
     point: Path,
     extractor: InceptionFeatures,
     data: Dataset,
-    real_cache: dict[str, torch.Tensor] | None = None,
+    cache: dict[str, torch.Tensor] | None = None,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Pooled Inception FID of one point; returns the section written to its report."""
+    """Pooled Inception FID of one point, and its small-sample floor; returns the section
+    written to its report (``pooled.inception``).
+
+    ``fid``: the point's samples against the same sites' held-out images. ``fid_real_floor``:
+    the sites' own *training* images, as many per site as samples, against the same held-out
+    images: what real data scores at these set sizes (FID is biased upwards by small sets, so
+    read ``fid`` against this floor). What is already in the report is kept unless ``force``.
+    """
     report, run, samples_path = _point_files(point)
-    started = time.perf_counter()
+    old = (report.get("pooled") or {}).get("inception") or {}
+    section: dict[str, Any] = {} if force else dict(old)
+    cache = cache if cache is not None else {}
     key = _partition_key(run)
-    cache = real_cache if real_cache is not None else {}
-    if key not in cache:
-        cache[key] = extractor(heldout_images(run, data))
-    real = cache[key]
-    fake = torch.cat(list(load_samples(samples_path).values()))
-    section = {
-        "fid": frechet_distance(real, extractor(fake)),
-        "n_real": int(real.shape[0]),
-        "n_fake": int(fake.shape[0]),
-        "network": f"FID Inception v3 (pt_inception-2015-12-05), sha1 {WEIGHTS_SHA1}",
-        "seconds": time.perf_counter() - started,
-    }
-    report.setdefault("pooled", {})["inception"] = section
-    blob = json.dumps(report, indent=2, allow_nan=False).encode()
-    atomic_write(point / "report.json", blob)
+    started = time.perf_counter()
+
+    def real() -> torch.Tensor:
+        if key not in cache:
+            cache[key] = extractor(heldout_images(run, data))
+        return cache[key]
+
+    samples = load_samples(samples_path)
+    if "fid" not in section:
+        fake = torch.cat(list(samples.values()))
+        section["fid"] = frechet_distance(real(), extractor(fake))
+        section["n_fake"] = int(fake.shape[0])
+    if "fid_real_floor" not in section:
+        per_site = {site: len(x) for site, x in samples.items()}
+        floor_key = key + json.dumps(per_site, sort_keys=True)
+        if floor_key not in cache:
+            cache[floor_key] = extractor(training_images(run, data, per_site))
+        section["fid_real_floor"] = frechet_distance(real(), cache[floor_key])
+    section["n_real"] = int(real().shape[0])
+    section["network"] = f"FID Inception v3 (pt_inception-2015-12-05), sha1 {WEIGHTS_SHA1}"
+    if section != old:
+        section["seconds"] = float(section.get("seconds", 0.0)) + time.perf_counter() - started
+        report.setdefault("pooled", {})["inception"] = section
+        blob = json.dumps(report, indent=2, allow_nan=False).encode()
+        atomic_write(point / "report.json", blob)
     return section
 
 
 def evaluate_sweep(
     sweep: Path, names: Sequence[str], *, data_source: str | None = None, force: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Inception FID of the named points of ``sweep`` (skipping those already done unless
-    ``force``), then the sweep's summary is rebuilt."""
+    """Inception FID of the named points of ``sweep`` (what a report already holds is kept
+    unless ``force``), then the sweep's summary is rebuilt."""
     from collafuse.experiments.tables import write_summary
 
     points = [sweep / "points" / n for n in names]
@@ -99,11 +133,7 @@ def evaluate_sweep(
     cache: dict[str, torch.Tensor] = {}
     results = {}
     for p in points:
-        done = json.loads((p / "report.json").read_text()).get("pooled", {}).get("inception")
-        if done and not force:
-            results[p.name] = done
-            continue
-        results[p.name] = evaluate_point(p, extractor, data, cache)
-        print(f"{p.name}: Inception FID {results[p.name]['fid']:.1f}", flush=True)
+        r = results[p.name] = evaluate_point(p, extractor, data, cache, force=force)
+        print(f"{p.name}: Inception FID {r['fid']:.1f} (real floor {r['fid_real_floor']:.1f})")
     write_summary(sweep)
     return results

@@ -24,6 +24,7 @@ METRICS: dict[str, str] = {
     "fid_site_mean": "domain FID site mean",
     "kid_sum": "domain KID sum",
     "fid_pooled_inception": "Inception FID pooled",
+    "fid_pooled_inception_floor": "Inception FID of real training images (floor)",
     "reidentification_top1": "re-id top-1",
     "mia_auc": "MIA AUC",
     "reconstruction_psnr": "recon PSNR dB",

@@ -71,6 +71,7 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "fid_pooled": report["pooled"]["quality"]["fid"],
         "kid_pooled": report["pooled"]["quality"]["kid"],
         "fid_pooled_inception": _get(report, "pooled", "inception", "fid"),
+        "fid_pooled_inception_floor": _get(report, "pooled", "inception", "fid_real_floor"),
         "n_fake_per_site": sites[0]["quality"]["n_fake"],
         "epsilon": priv.get("epsilon"),
         "epsilon_per_pixel": priv.get("epsilon_per_pixel"),
@@ -184,7 +185,7 @@ def markdown(summary: dict[str, Any]) -> str:
     sites = list(rows[0]["fid_by_site"])
     lines += ["", "## Quality (domain FID/KID, classifier features; lower is better)", ""]
     head = ["point", "t_cut", *[f"FID {s}" for s in sites], "FID mean", "FID pooled", "KID sum"]
-    head.append("Inception FID pooled")
+    head += ["Inception FID pooled", "(real-data floor)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -195,6 +196,7 @@ def markdown(summary: dict[str, Any]) -> str:
             _f(r["fid_pooled"], ".1f"),
             _f(r["kid_sum"], ".3f"),
             _f(r.get("fid_pooled_inception"), ".1f"),
+            _f(r.get("fid_pooled_inception_floor"), ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Privacy (what the server can learn from the uploads)", ""]
