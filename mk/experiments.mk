@@ -4,6 +4,9 @@
 #                      same training FLOPs, renoise at the inner c; resumable point by point, stops
 #                      between points after EXP_HOURS (run it again to continue).
 #                      docs/results.md gives the wall times measured on 2 CPU cores.
+# experiments-budget   the same sweep at EXP_BUDGET_STEPS (4x) steps per model, at the cuts that
+#                      carry the story (centralized, mid, default, local-only) and FedAvg: does
+#                      the ranking hold with more training? Resumable like experiments.
 # experiments-summary  rebuild one seed's tables and plots from its finished points only
 # experiments-inception  Inception FID (about 0.5 s per image per core) of EXP_INCEPTION_POINTS
 # experiments-seeds    group the seeds' sweeps point by point (mean and range)
@@ -23,14 +26,22 @@ EXP_MAX_REID ?= 0.2
 EXP_MAX_SHARE ?= 0.95
 EXP_INCEPTION_POINTS ?= exact-c0.00,exact-c0.40,exact-c0.60,exact-c0.90,exact-c1.00,fedavg-compute
 EXP_DOCS ?= docs/results
+EXP_BUDGET_STEPS ?= 1600
+EXP_BUDGET_FRACTIONS ?= 0,0.6,0.9,1.0
+EXP_BUDGET_OUT ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)
 
-.PHONY: experiments experiments-summary experiments-inception experiments-seeds advise \
+.PHONY: experiments experiments-budget experiments-summary experiments-inception experiments-seeds advise \
 	experiments-publish
 
 experiments:
 	$(EXP_PYTHON) -m collafuse.experiments sweep --out $(EXP_OUT) --config $(EXP_CONFIG) \
 		--fractions $(EXP_FRACTIONS) --modes $(EXP_MODES) --fedavg --round-steps 50 \
 		--seed $(EXP_SEED) --threads 1 --max-hours $(EXP_HOURS)
+
+experiments-budget:
+	$(EXP_PYTHON) -m collafuse.experiments sweep --out $(EXP_BUDGET_OUT) --config $(EXP_CONFIG) \
+		--fractions $(EXP_BUDGET_FRACTIONS) --modes exact --fedavg --round-steps 50 \
+		--steps $(EXP_BUDGET_STEPS) --seed $(EXP_SEED) --threads 1 --max-hours $(EXP_HOURS)
 
 experiments-summary:
 	$(EXP_PYTHON) -m collafuse.experiments sweep --out $(EXP_OUT) --summarize

@@ -172,8 +172,12 @@ def _reidentification(
 def _membership(
     fed: FederationConfig, schedule: Schedule, sites: list[SiteOutcome], server: ServerOutcome
 ) -> dict[str, Any] | None:
-    """Server denoising loss on members (uploads) against non-members (held-out, noised)."""
-    if server.eps_model_for_site is None or fed.upload_mode != "exact" or fed.t_cut == 0:
+    """Server denoising loss on members (uploads) against non-members (held-out, noised).
+
+    At ``t_cut = 0`` (centralized) the uploads are the raw images and the attack is the
+    ordinary loss-threshold attack on a DDPM trained on them: the baseline the cut improves on.
+    """
+    if server.eps_model_for_site is None or fed.upload_mode != "exact":
         return None
     members, others = [], []
     for k, s in enumerate(sites):
