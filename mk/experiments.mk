@@ -10,7 +10,7 @@
 # experiments-summary  rebuild one seed's tables and plots from its finished points only
 # experiments-inception  Inception FID (about 0.5 s per image per core) of EXP_INCEPTION_POINTS
 # experiments-seeds    group the seeds' sweeps point by point (mean and range)
-# advise               recommend a cut from one seed's sweep (EXP_MAX_REID, EXP_MAX_SHARE)
+# advise               recommend a cut from the seeds' mean curves (EXP_MAX_REID, EXP_MAX_SHARE)
 # experiments-publish  copy tables, JSON, plots and per-point reports into docs/results/
 
 EXP_PYTHON ?= .venv/bin/python
@@ -55,7 +55,8 @@ experiments-seeds:
 		--out runs/experiments
 
 advise:
-	$(EXP_PYTHON) -m collafuse.experiments advise --sweep $(EXP_OUT) \
+	$(EXP_PYTHON) -m collafuse.experiments advise \
+		--sweep $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) \
 		--max-reid $(EXP_MAX_REID) --max-site-share $(EXP_MAX_SHARE)
 
 experiments-publish:

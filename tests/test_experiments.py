@@ -16,7 +16,7 @@ import torch
 from collafuse.config import FederationConfig, ModelConfig, RunConfig
 from collafuse.data import Dataset
 from collafuse.experiments.__main__ import main
-from collafuse.experiments.advisor import AdviceError, Targets, advise
+from collafuse.experiments.advisor import AdviceError, Targets, advise, merge_summaries
 from collafuse.experiments.fedavg import weighted_average
 from collafuse.experiments.sweep import SweepError, plan_sweep, run_sweep
 from collafuse.experiments.tables import write_summary
@@ -220,3 +220,33 @@ def test_advisor_share_per_sample_is_closed_form_and_public_reid_is_used() -> No
     assert advice.feasible_range == (1, 8) and advice.best.t_cut == 8
     assert 7 in seen and 8 not in seen and 5 not in seen
     assert advice.best.site_share == pytest.approx(8 / (8 + 4 * 2))
+
+
+def test_advisor_over_seeds_uses_mean_curves_and_reports_their_range(
+    tmp_path: Path, capsys: Any
+) -> None:
+    a, b = hand_made_summary(), hand_made_summary()
+    for r in b["points"]:
+        r["fid_pooled"] += 10.0 if r["t_cut"] == 8 else 2.0  # seed b: t_cut 8 much worse
+    b["points"] = b["points"][:-1]  # seed b never finished local-only: left out of the mean
+    merged = merge_summaries([a, b])
+    assert [r["t_cut"] for r in merged["points"]] == [0, 2, 5, 8]
+    row8 = merged["points"][3]
+    assert row8["fid_pooled"] == 20.0 and (row8["fid_pooled_min"], row8["fid_pooled_max"]) == (
+        15.0,
+        25.0,
+    )
+    advice = advise(merged, Targets(max_reid=1.0))
+    # Means: 31, 26, 21, 20 at t_cut 0, 2, 5, 8; between 5 and 8 the mean rises no higher.
+    assert advice.best.t_cut == 8 and advice.best.fid_pooled == 20.0
+    assert advice.best.fid_pooled_range == (15.0, 25.0) and advice.sweeps == 2
+    # The command line takes several sweep directories and prints the range.
+    for name, s in (("s0", a), ("s1", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    argv = ["advise", "--sweep", str(tmp_path / "s0"), str(tmp_path / "s1"), "--max-reid", "1"]
+    assert main([*argv, "--no-public-reid"]) == 0
+    out = capsys.readouterr().out
+    assert "mean of 2 seeds" in out and "range over 2 seeds 15.0..25.0" in out
+    with pytest.raises(AdviceError, match="no finished point in common"):
+        merge_summaries([a, {"points": []}])

@@ -17,6 +17,10 @@ upload mode (``exact`` by default). At each candidate:
 The recommendation is the feasible candidate with the lowest (interpolated) pooled FID; ties go
 to a measured point, then to the larger cut. The report says which numbers are measured and
 which interpolated, and which constraint binds.
+
+Given several sweeps (the same sweep with other seeds, :func:`merge_summaries`), the curves are
+the means over the seeds and the expected pooled FID comes with its range over the seeds
+(interpolated the same way), so a recommendation can be read against the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class Candidate:
     fid_pooled: float
     fid_site_mean: float
     kid_sum: float
+    fid_pooled_range: tuple[float, float] | None = None  # min, max over the merged sweeps
 
     def violations(self, targets: Targets) -> list[str]:
         out = []
@@ -88,6 +93,7 @@ class Advice:
     T: int
     mode: str
     targets: Targets
+    sweeps: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +102,7 @@ class Advice:
             "measured": self.best.measured,
             "expected": {
                 "fid_pooled": self.best.fid_pooled,
+                "fid_pooled_range": self.best.fid_pooled_range,
                 "fid_site_mean": self.best.fid_site_mean,
                 "kid_sum": self.best.kid_sum,
                 "reidentification_top1": self.best.reid,
@@ -109,6 +116,7 @@ class Advice:
             "feasible_t_cut": list(self.feasible_range),
             "T": self.T,
             "mode": self.mode,
+            "sweeps": self.sweeps,
         }
 
 
@@ -165,6 +173,9 @@ def candidates(
         t_all = np.arange(T + 1)
         share = t_all * f_site / (t_all * f_site + (T - t_all) * f_server)
     fid = interp("fid_pooled")
+    fid_lo = fid_hi = None
+    if all(r.get("fid_pooled_min") is not None for r in pts):
+        fid_lo, fid_hi = interp("fid_pooled_min"), interp("fid_pooled_max")
     fid_mean = interp("fid_site_mean")
     kid = interp("kid_sum")
     measured = {int(r["t_cut"]) for r in pts}
@@ -191,6 +202,11 @@ def candidates(
                 fid_pooled=float(fid[t]),
                 fid_site_mean=float(fid_mean[t]),
                 kid_sum=float(kid[t]),
+                fid_pooled_range=(
+                    None
+                    if fid_lo is None or fid_hi is None
+                    else (float(fid_lo[t]), float(fid_hi[t]))
+                ),
             )
         )
     return out
@@ -223,7 +239,8 @@ def advise(
             for v in by_t[neighbour].violations(targets):
                 if v not in binding:
                     binding.append(v)
-    return Advice(best, binding, (lo, hi), _T(summary), mode, targets)
+    sweeps = int(summary.get("sweeps", 1))
+    return Advice(best, binding, (lo, hi), _T(summary), mode, targets, sweeps)
 
 
 def _T(summary: dict[str, Any]) -> int:
@@ -299,14 +316,66 @@ def load_summary(sweep: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+# The figures the advisor reads, averaged over merged sweeps; everything else of a row (its cut,
+# T, schedule, FLOPs per forward pass) is the same in every seed and is taken from the first.
+MERGED_KEYS = (
+    "fid_pooled",
+    "fid_site_mean",
+    "kid_sum",
+    "reidentification_top1",
+    "site_share_seconds",
+    "site_share_flops",
+    "site_share_flops_per_sample",
+)
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from several sweeps of the same plan (other seeds): per point name present
+    in every sweep, the mean of :data:`MERGED_KEYS` and ``fid_pooled_min``/``_max`` over them.
+
+    A point that is missing from some sweep is left out, so the mean never mixes seed sets.
+    """
+    if not summaries:
+        raise AdviceError("no sweep to advise from")
+    if len(summaries) == 1:
+        return summaries[0]
+    by_name = [{r["name"]: r for r in s.get("points", [])} for s in summaries]
+    common = [n for n in by_name[0] if all(n in b for b in by_name[1:])]
+    if not common:
+        raise AdviceError("the sweeps have no finished point in common")
+    rows = []
+    for name in common:
+        group = [b[name] for b in by_name]
+        row = dict(group[0])
+        for key in MERGED_KEYS:
+            vals = [r.get(key) for r in group]
+            row[key] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        fids = [r.get("fid_pooled") for r in group]
+        if all(v is not None for v in fids):
+            row["fid_pooled_min"], row["fid_pooled_max"] = min(fids), max(fids)
+        row["seeds"] = [r.get("seed") for r in group]
+        rows.append(row)
+    return {"points": rows, "sweeps": len(summaries)}
+
+
+def load_summaries(sweeps: list[Path]) -> dict[str, Any]:
+    """:func:`load_summary` of every path, merged (:func:`merge_summaries`)."""
+    return merge_summaries([load_summary(p) for p in sweeps])
+
+
 def format_advice(advice: Advice) -> str:
     b, t = advice.best, advice.targets
     src = "measured" if b.measured else "interpolated between measured points"
     eps = "unbounded" if b.epsilon is None else f"{b.epsilon:.3g}"
+    spread = ""
+    if b.fid_pooled_range is not None:
+        lo, hi = b.fid_pooled_range
+        spread = f" (range over {advice.sweeps} seeds {lo:.1f}..{hi:.1f})"
+    means = f"mean of {advice.sweeps} seeds, " if advice.sweeps > 1 else ""
     lines = [
         f"recommended cut: t_cut={b.t_cut} of T={advice.T} "
         f"(client fraction c={b.client_fraction:.2f}, upload mode {advice.mode})",
-        f"  expected quality ({src}): pooled FID {b.fid_pooled:.1f}, mean site FID "
+        f"  expected quality ({means}{src}): pooled FID {b.fid_pooled:.1f}{spread}, mean site FID "
         f"{b.fid_site_mean:.1f}, KID summed over sites {b.kid_sum:.3f}",
         f"  re-identification top-1 {b.reid:.3f} ({b.reid_source}); {t.epsilon_kind} epsilon "
         f"{eps} (closed-form accountant, exact at this cut)",

@@ -184,7 +184,13 @@ def _add_advise(sub: Any) -> None:
             "epsilon and the site's compute share within the targets, from a sweep's summary."
         ),
     )
-    p.add_argument("--sweep", required=True, type=Path, help="a sweep directory (or summary.json)")
+    p.add_argument(
+        "--sweep",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="a sweep directory (or summary.json); several (other seeds): their mean curves",
+    )
     p.add_argument("--max-reid", type=float, help="maximum re-identification top-1 rate")
     p.add_argument("--max-epsilon", type=float, help="maximum epsilon at delta = 1e-5")
     p.add_argument(
@@ -219,7 +225,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         Targets,
         advise,
         format_advice,
-        load_summary,
+        load_summaries,
     )
 
     for name in ("max_reid", "max_site_share"):
@@ -238,7 +244,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         share_basis=args.share_basis,
     )
     try:
-        summary = load_summary(args.sweep)
+        summary = load_summaries(args.sweep)
         reid_at = None
         if not args.no_public_reid:
             reid_at = _public_reid(summary, args.data)
