@@ -11,7 +11,8 @@
 # experiments-inception  Inception FID (about 0.5 s per image per core) of EXP_INCEPTION_POINTS
 # experiments-seeds    group the seeds' sweeps point by point (mean and range)
 # advise               recommend a cut from the seeds' mean curves (EXP_MAX_REID, EXP_MAX_SHARE)
-# experiments-publish  copy tables, JSON, plots and per-point reports into docs/results/
+# experiments-publish  copy tables, JSON, plots and per-point reports of the seeds' and the budget
+#                      sweeps (EXP_PUBLISH), and the budget sweep's sample grids, into docs/results/
 
 EXP_PYTHON ?= .venv/bin/python
 EXP_SEED ?= 0
@@ -29,6 +30,8 @@ EXP_DOCS ?= docs/results
 EXP_BUDGET_STEPS ?= 1600
 EXP_BUDGET_FRACTIONS ?= 0,0.6,0.9,1.0
 EXP_BUDGET_OUT ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)
+EXP_PUBLISH ?= $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) $(EXP_BUDGET_OUT)
+EXP_PUBLISH_GRIDS ?= $(EXP_BUDGET_OUT)
 
 .PHONY: experiments experiments-budget experiments-summary experiments-inception experiments-seeds advise \
 	experiments-publish
@@ -60,12 +63,14 @@ advise:
 		--max-reid $(EXP_MAX_REID) --max-site-share $(EXP_MAX_SHARE)
 
 experiments-publish:
-	for s in $(EXP_SEEDS); do src=$(EXP_OUT_PREFIX)$$s; dst=$(EXP_DOCS)/seed-$$s; \
+	for src in $(EXP_PUBLISH); do dst=$(EXP_DOCS)/$$(basename $$src); \
 		[ -d $$src ] || continue; mkdir -p $$dst/plots; \
 		cp $$src/summary.json $$src/summary.md $$src/sweep.json $$dst/; \
 		cp $$src/plots/*.png $$dst/plots/; \
 		for d in $$src/points/*/; do n=$$(basename $$d); case $$n in *.partial) continue;; esac; \
-			mkdir -p $$dst/points/$$n; cp $$d/report.json $$dst/points/$$n/; done; \
+			mkdir -p $$dst/points/$$n; cp $$d/report.json $$dst/points/$$n/; \
+			case " $(EXP_PUBLISH_GRIDS) " in *" $$src "*) cp $$d/samples_*.png $$dst/points/$$n/;; esac; \
+		done; \
 	done
 	mkdir -p $(EXP_DOCS)/plots
 	if [ -f runs/experiments/seeds.json ]; then cp runs/experiments/seeds.json \
