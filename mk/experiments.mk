@@ -29,9 +29,10 @@ EXP_INCEPTION_POINTS ?= exact-c0.00,exact-c0.40,exact-c0.60,exact-c0.90,exact-c1
 EXP_DOCS ?= docs/results
 EXP_BUDGET_STEPS ?= 1600
 EXP_BUDGET_FRACTIONS ?= 0,0.6,0.9,1.0
-EXP_BUDGET_OUT ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)
-EXP_PUBLISH ?= $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) $(EXP_BUDGET_OUT)
-EXP_PUBLISH_GRIDS ?= $(EXP_BUDGET_OUT)
+EXP_BUDGET_OUT ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-$(EXP_SEED)
+EXP_PUBLISH ?= $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) \
+	$(foreach s,$(EXP_SEEDS),runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-$(s))
+EXP_PUBLISH_GRIDS ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-0
 
 .PHONY: experiments experiments-budget experiments-summary experiments-inception experiments-seeds advise \
 	experiments-publish
