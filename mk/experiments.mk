@@ -9,7 +9,8 @@
 #                      the ranking hold with more training? Resumable like experiments.
 # experiments-summary  rebuild one seed's tables and plots from its finished points only
 # experiments-inception  Inception FID (about 0.5 s per image per core) of EXP_INCEPTION_POINTS
-# experiments-seeds    group the seeds' sweeps point by point (mean and range)
+# experiments-seeds    group the seeds' sweeps point by point (mean and range), the budget
+#                      sweeps' too (those that exist)
 # advise               recommend a cut from the seeds' mean curves (EXP_MAX_REID, EXP_MAX_SHARE)
 # experiments-publish  copy tables, JSON, plots and per-point reports of the seeds' and the budget
 #                      sweeps (EXP_PUBLISH), and the budget sweep's sample grids, into docs/results/
@@ -32,6 +33,7 @@ EXP_BUDGET_FRACTIONS ?= 0,0.6,0.9,1.0
 EXP_BUDGET_OUT ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-$(EXP_SEED)
 EXP_PUBLISH ?= $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) \
 	$(foreach s,$(EXP_SEEDS),runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-$(s))
+BUDGET_SWEEPS = $(wildcard $(foreach s,$(EXP_SEEDS),runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-$(s)))
 EXP_PUBLISH_GRIDS ?= runs/experiments/budget-$(EXP_BUDGET_STEPS)-seed-0
 
 .PHONY: experiments experiments-budget experiments-summary experiments-inception experiments-seeds advise \
@@ -57,6 +59,8 @@ experiments-inception:
 experiments-seeds:
 	$(EXP_PYTHON) -m collafuse.experiments seeds $(addprefix $(EXP_OUT_PREFIX),$(EXP_SEEDS)) \
 		--out runs/experiments
+	$(if $(BUDGET_SWEEPS),$(EXP_PYTHON) -m collafuse.experiments seeds $(BUDGET_SWEEPS) \
+		--out runs/experiments/budget-$(EXP_BUDGET_STEPS)-seeds)
 
 advise:
 	$(EXP_PYTHON) -m collafuse.experiments advise \
@@ -73,7 +77,9 @@ experiments-publish:
 			case " $(EXP_PUBLISH_GRIDS) " in *" $$src "*) cp $$d/samples_*.png $$dst/points/$$n/;; esac; \
 		done; \
 	done
-	mkdir -p $(EXP_DOCS)/plots
-	if [ -f runs/experiments/seeds.json ]; then cp runs/experiments/seeds.json \
-		runs/experiments/seeds.md $(EXP_DOCS)/; cp runs/experiments/plots/seeds_fid.png \
-		$(EXP_DOCS)/plots/; fi
+	for src in runs/experiments runs/experiments/budget-$(EXP_BUDGET_STEPS)-seeds; do \
+		[ -f $$src/seeds.json ] || continue; \
+		case $$src in runs/experiments) dst=$(EXP_DOCS);; *) dst=$(EXP_DOCS)/$$(basename $$src);; esac; \
+		mkdir -p $$dst/plots; cp $$src/seeds.json $$src/seeds.md $$dst/; \
+		cp $$src/plots/seeds_fid.png $$dst/plots/; \
+	done

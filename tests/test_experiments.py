@@ -103,6 +103,11 @@ def test_sweep_resumes_point_by_point_and_summarises_reports(tmp_path: Path) -> 
 
     fedavg = _report(out, "fedavg-steps")
     assert fedavg["privacy"]["epsilon"] is None and "weights" in fedavg["privacy"]["note"]
+    # The membership attack on the global model: each site's held-out images against as many
+    # of its training images.
+    mia = fedavg["privacy"]["membership_inference"]
+    n_heldout = sum(s["n_heldout"] for s in fedavg["sites"])
+    assert 0 < mia["members"] == mia["nonmembers"] == n_heldout and 0.0 <= mia["auc"] <= 1.0
     model_bytes = fedavg["cost"]["model_bytes"]
     assert fedavg["cost"]["bytes"]["uploaded_by_site"]["site-0"] == 2 * model_bytes  # 2 rounds
     assert fedavg["cost"]["site_nfe_per_sample"] == 10

@@ -179,22 +179,39 @@ def _membership(
     """
     if server.eps_model_for_site is None or fed.upload_mode != "exact":
         return None
-    members, others = [], []
+    per_site = []
     for k, s in enumerate(sites):
         if s.disclosed is None:
             continue
-        n = min(len(s.disclosed), len(s.heldout_images), 300)
-        eps_model = server.eps_model_for_site[s.site]
+        n = min(len(s.disclosed), len(s.heldout_images), MIA_PER_SITE)
         fresh = _fresh_noised(schedule, s.heldout_images[:n], fed.t_cut, fed.seed + 13 + k)
+        per_site.append((server.eps_model_for_site[s.site], s.disclosed[:n], fresh))
+    return membership_attack(schedule, fed.t_cut, per_site, fed.seed)
+
+
+MIA_PER_SITE = 300  # members (and as many non-members) per site in the membership attack
+
+
+def membership_attack(
+    schedule: Schedule,
+    t_cut: int,
+    per_site: list[tuple[EpsModel, Tensor, Tensor]],
+    seed: int,
+) -> dict[str, Any]:
+    """The loss-threshold membership attack pooled over sites.
+
+    ``per_site[k] = (eps_model, members, nonmembers)``: the attacked model as site k's eps
+    predictor and its images at level ``t_cut`` (``[N, C, H, W]`` each). Each image's score is
+    the model's denoising loss under the exact conditional from ``t_cut``, with site k's draws
+    seeded ``seed + k`` for members and non-members alike.
+    """
+    members, others = [], []
+    for k, (eps_model, mem, non) in enumerate(per_site):
         members.append(
-            attacks.server_denoising_losses(
-                eps_model, schedule, s.disclosed[:n], fed.t_cut, seed=fed.seed + k
-            )
+            attacks.server_denoising_losses(eps_model, schedule, mem, t_cut, seed=seed + k)
         )
         others.append(
-            attacks.server_denoising_losses(
-                eps_model, schedule, fresh, fed.t_cut, seed=fed.seed + k
-            )
+            attacks.server_denoising_losses(eps_model, schedule, non, t_cut, seed=seed + k)
         )
     return attacks.membership_inference(torch.cat(members), torch.cat(others))
 
