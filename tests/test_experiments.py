@@ -255,3 +255,8 @@ def test_advisor_over_seeds_uses_mean_curves_and_reports_their_range(
     assert "mean of 2 seeds" in out and "range over 2 seeds 15.0..25.0" in out
     with pytest.raises(AdviceError, match="no finished point in common"):
         merge_summaries([a, {"points": []}])
+    longer = hand_made_summary()
+    for r in longer["points"]:
+        r["train_steps_per_model"] = {"site": 1600, "server": 1600}
+    with pytest.raises(AdviceError, match="different train_steps_per_model"):
+        merge_summaries([a, longer])

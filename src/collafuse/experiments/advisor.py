@@ -329,6 +329,10 @@ MERGED_KEYS = (
 )
 
 
+# What must be equal between the merged sweeps' rows of one point: only the seed may differ.
+SAME_PLAN_KEYS = ("T", "t_cut", "schedule", "mode", "train_steps_per_model", "n_sites")
+
+
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary from several sweeps of the same plan (other seeds): per point name present
     in every sweep, the mean of :data:`MERGED_KEYS` and ``fid_pooled_min``/``_max`` over them.
@@ -346,6 +350,13 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for name in common:
         group = [b[name] for b in by_name]
+        for key in SAME_PLAN_KEYS:
+            if len({json.dumps(r.get(key), sort_keys=True) for r in group}) > 1:
+                raise AdviceError(
+                    f"the sweeps ran point {name} with different {key} "
+                    f"({', '.join(str(r.get(key)) for r in group)}): merge only the same sweep "
+                    "run with other seeds"
+                )
         row = dict(group[0])
         for key in MERGED_KEYS:
             vals = [r.get(key) for r in group]
