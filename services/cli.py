@@ -79,6 +79,12 @@ def _add_listen(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=_port, default=port, help="port (default %(default)s)")
     p.add_argument(
+        "--limit-concurrency",
+        type=_positive_int,
+        default=64,
+        help="requests handled at once; more get 503 overloaded (default %(default)s)",
+    )
+    p.add_argument(
         "--config", default=None, help="federation or run config JSON (default: $COLLAFUSE_CONFIG)"
     )
     p.add_argument(
@@ -170,14 +176,23 @@ def _store(args: argparse.Namespace) -> Any:
     return store_from_env(env)
 
 
-def _serve(app: Any, host: str, port: int, holder: dict[str, Any] | None = None) -> None:
+def _serve(app: Any, args: argparse.Namespace, holder: dict[str, Any] | None = None) -> None:
+    """Serve ``app`` with uvicorn on ``args.host:args.port``, bounded in concurrency (a flood
+    of connections gets 503s, not memory) and in idle keep-alive time."""
     import uvicorn
 
+    limits = getattr(getattr(app, "state", None), "limits", None)
+    if limits is not None:
+        limits.max_in_flight = args.limit_concurrency
     debug = os.environ.get("COLLAFUSE_LOG_LEVEL", "info").lower() == "debug"
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=args.host,
+        port=args.port,
+        # the app answers 503 `overloaded` (JSON) past the limit; uvicorn's own plain-text 503
+        # is the backstop for connections that never become requests
+        limit_concurrency=2 * args.limit_concurrency,
+        timeout_keep_alive=5,
         log_level="info" if debug else "warning",
         access_log=debug,
         lifespan="on",
@@ -239,9 +254,10 @@ def _coordinator(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         aggregation_window_s=args.aggregation_window,
         max_images=args.max_images,
+        min_upload=min(args.min_upload, args.max_images),
     )
     app = create_coordinator_app(fed, _store(args), auth, options)
-    _serve(app, args.host, args.port)
+    _serve(app, args)
     return 0
 
 
@@ -278,6 +294,13 @@ def _add_coordinator(sub: Any) -> None:
         default=20000,
         help="images per disclosure upload (default %(default)s)",
     )
+    p.add_argument(
+        "--min-upload",
+        type=_positive_int,
+        default=32,
+        help="images per upload at least, unless it completes the site's declared count "
+        "(default %(default)s)",
+    )
     p.set_defaults(handler=_guard("coordinator", _coordinator))
 
 
@@ -302,7 +325,7 @@ def _server_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=resolve_device(args.device),
     )
-    _serve(create_server_app(fed, _store(args), auth, options), args.host, args.port)
+    _serve(create_server_app(fed, _store(args), auth, options), args)
     return 0
 
 
@@ -341,7 +364,7 @@ def _server_train(args: argparse.Namespace) -> int:
         url, settings.admin_token, name="coordinator", fingerprint=fed.fingerprint()
     )
     app = create_trainer_app(fed, _store(args), coordinator, options, on_done=on_done)
-    _serve(app, args.host, args.port, holder)
+    _serve(app, args, holder)
     if result.get("phase") == "failed":
         print(f"collafuse server train: error: {app.state.loop.error}", file=sys.stderr)
         return 1
@@ -519,7 +542,7 @@ def _site(args: argparse.Namespace) -> int:
             holder["server"].should_exit = True
 
     app = create_site_app(factory, token, on_done=on_done)
-    _serve(app, args.host, args.port, holder)
+    _serve(app, args, holder)
     if result.get("phase") == "failed":
         print(f"collafuse site: error: {app.state.runner.error}", file=sys.stderr)
         return 1

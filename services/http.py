@@ -4,9 +4,14 @@
   the error handlers and the :class:`ObserveMiddleware` (latency histogram per route and a
   global body-size bound).
 - Errors: :class:`ApiError` (a 4xx naming the problem, with a machine ``reason``);
-  ``WireError``/``ValueError`` -> 422 (413 over a size limit); ``StoreUnavailable`` -> 503
-  with ``Retry-After``; ``NotFound`` -> 404. Every error body is
-  ``{"detail": "...", "reason": "..."}``. A 500 is a bug.
+  ``WireError``/``ValueError`` -> 422 (``PayloadTooLarge`` -> 413); FastAPI's own validation
+  -> 422 and routing -> 404/405; every ``StoreError`` but ``NotFound`` (the store down, busy,
+  refusing this service, or holding something malformed) -> 503 with ``Retry-After``;
+  ``NotFound`` -> 404. Every error body is ``{"detail": "...", "reason": "..."}``, with no
+  traceback. A 500 (``internal``) is a bug, logged with its traceback on the server side.
+- Bodies: read only through :func:`read_body` (after auth), bounded in size and in the time
+  between two chunks (408 ``body-timeout``); JSON bodies through :func:`read_model` (strict
+  types: ``true`` is not ``1``) or :func:`parse_json` (bounded depth).
 - Auth: ``Authorization: Bearer <token>``; the services hold sha256 hashes of the site tokens
   (``COLLAFUSE_SITE_TOKENS``) and the admin token (``COLLAFUSE_ADMIN_TOKEN``), and compare with
   ``hmac.compare_digest``. Payloads are never logged.
@@ -14,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import inspect
@@ -24,28 +30,36 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from collafuse.config import FederationConfig
 from collafuse.services.metrics import CONTENT_TYPE, ServiceMetrics
 from collafuse.store import NotFound, StoreAuthError, StoreError, StoreUnavailable
-from collafuse.wire import MAX_BODY_BYTES, WireError
+from collafuse.wire import MAX_BODY_BYTES, PayloadTooLarge, WireError
 
 __all__ = [
     "CONFIG_HEADER",
     "ApiError",
     "Auth",
+    "Limits",
     "NotReady",
     "ObserveMiddleware",
     "Principal",
     "check_fingerprint",
     "create_app",
     "hash_token",
+    "parse_json",
+    "query_flag",
     "read_body",
+    "read_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +68,17 @@ CONFIG_HEADER = "X-Collafuse-Config"
 """Header carrying the caller's federation-config fingerprint on config-dependent calls."""
 
 RETRY_AFTER_S = 5
+
+BODY_IDLE_TIMEOUT_S = 30.0
+"""Longest wait for the next chunk of a request body before answering 408."""
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a JSON body."""
+
+_M = TypeVar("_M", bound=BaseModel)
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Method label values of the latency histogram; anything else is ``other``."""
 
 
 class ApiError(Exception):
@@ -101,6 +126,12 @@ class Auth:
                 raise ValueError(f"site token hash for {site!r} is not a sha256 hex digest")
         self._sites = {site: digest.lower() for site, digest in site_hashes.items()}
         self._admin = hash_token(admin_token) if admin_token else None
+        for site, digest in self._sites.items():
+            if self._admin is not None and hmac.compare_digest(digest, self._admin):
+                raise ValueError(
+                    f"the admin token is also site {site!r}'s token: give every principal "
+                    "its own credential"
+                )
 
     @classmethod
     def from_files(cls, tokens_file: str | Path | None, admin_token: str | None) -> Auth:
@@ -179,11 +210,14 @@ def check_fingerprint(request: Request, fed: FederationConfig) -> None:
             f"missing {CONFIG_HEADER} header (the federation config fingerprint; "
             "GET /v1/config on the coordinator)",
         )
-    if not hmac.compare_digest(got.strip().lower(), fed.fingerprint()):
+    # header values arrive as latin-1 text; compare bytes (compare_digest refuses non-ASCII str)
+    if not hmac.compare_digest(
+        got.strip().lower().encode("latin-1", "replace"), fed.fingerprint().encode()
+    ):
         raise ApiError(
             409,
             "config-mismatch",
-            f"{CONFIG_HEADER} {got[:12]}... is not this federation's config "
+            f"{CONFIG_HEADER} {got[:12]!r}... is not this federation's config "
             f"{fed.fingerprint()[:12]}... (T={fed.T}, t_cut={fed.t_cut}): "
             "fetch GET /v1/config on the coordinator",
         )
@@ -194,12 +228,11 @@ def check_cut(fed: FederationConfig, T: Any, t_cut: Any, what: str) -> None:
     for name, got, want in (("T", T, fed.T), ("t_cut", t_cut, fed.t_cut)):
         if got is None:
             continue
-        try:
+        value = got if isinstance(got, int) and not isinstance(got, bool) else None
+        if isinstance(got, str) and got.isascii() and got.isdigit():
             value = int(got)
-        except (TypeError, ValueError):
-            raise ApiError(
-                422, "bad-metadata", f"{what}: {name}={got!r} is not an integer"
-            ) from None
+        if value is None:
+            raise ApiError(422, "bad-metadata", f"{what}: {name}={got!r} is not an integer")
         if value != want:
             raise ApiError(
                 409,
@@ -214,7 +247,9 @@ def check_cut(fed: FederationConfig, T: Any, t_cut: Any, what: str) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes and with 408
+    when the client sends nothing for the app's ``body_idle_timeout_s`` seconds."""
+    idle_timeout_s = getattr(request.app.state, "body_idle_timeout_s", BODY_IDLE_TIMEOUT_S)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
@@ -223,12 +258,79 @@ async def read_body(request: Request, limit: int) -> bytes:
             f"request body is {int(declared)} bytes, over the limit of {limit} bytes",
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body-timeout",
+                f"no request body data for {idle_timeout_s:g} s after {size} bytes",
+                {"Connection": "close"},
+            ) from None
+        except ClientDisconnect:
+            raise ApiError(400, "client-disconnected", "the client went away mid-body") from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "too-large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def query_flag(request: Request, name: str) -> bool:
+    """A boolean query parameter (``true``/``false``/``1``/``0``, default false); 422 else."""
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(422, "bad-request", f"query parameter {name}={raw!r}: want true or false")
+    return raw in ("true", "1")
+
+
+def parse_json(body: bytes, what: str = "body", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``body`` as JSON nested at most ``max_depth`` deep; 422 ``bad-request`` otherwise."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ApiError(422, "too-deep", f"{what} nests deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "bad-request", f"{what} is not JSON: {exc}") from None
+    if _depth(value) > max_depth:
+        raise ApiError(422, "too-deep", f"{what} nests deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+async def read_model(request: Request, model: type[_M], limit: int) -> _M:
+    """A JSON body validated as ``model``; 422 ``bad-request`` naming the first bad field."""
+    body = await read_body(request, limit)
+    data = parse_json(body)
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise ApiError(422, "bad-request", validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError | RequestValidationError) -> str:
+    """One line naming each bad field and what is wrong with it."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def tensor_response(data: bytes, headers: Mapping[str, str] | None = None) -> Response:
@@ -242,12 +344,27 @@ def tensor_response(data: bytes, headers: Mapping[str, str] | None = None) -> Re
 # Middleware
 
 
+@dataclass
+class Limits:
+    """Mutable per-app limits (the CLI sets them from its flags after the app is built)."""
+
+    max_in_flight: int = 64  # requests handled at once, health and metrics routes aside
+
+
+_UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class ObserveMiddleware:
     """Times every request into ``collafuse_http_request_duration_seconds`` (labelled by the
-    route template, never the raw path) and bounds every body at ``max_body`` bytes."""
+    route template, never the raw path), bounds every body at ``max_body`` bytes, and answers
+    503 ``overloaded`` past ``limits.max_in_flight`` requests at once (probes and metrics
+    always answer)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body: int) -> None:
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, max_body: int, limits: Limits
+    ) -> None:
+        self.app, self.metrics, self.max_body, self.limits = app, metrics, max_body, limits
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -256,7 +373,22 @@ class ObserveMiddleware:
         start, status = time.perf_counter(), 500
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
+        counted = scope.get("path") not in _UNLIMITED_PATHS
+        self.in_flight += counted
         try:
+            if counted and self.in_flight > self.limits.max_in_flight:
+                status = 503
+                await _send_json(
+                    send,
+                    503,
+                    {
+                        "detail": f"more than {self.limits.max_in_flight} requests in flight; "
+                        "retry shortly",
+                        "reason": "overloaded",
+                    },
+                    {"retry-after": "1"},
+                )
+                return
             if declared.isdigit() and int(declared) > self.max_body:
                 status = 413
                 await _send_json(
@@ -292,25 +424,25 @@ class ObserveMiddleware:
 
             await self.app(scope, counting_receive, observing_send)
         finally:
+            self.in_flight -= counted
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
             self.metrics.http_latency.labels(
-                self.metrics.service, path, scope.get("method", ""), str(status)
+                self.metrics.service,
+                path,
+                method if method in HTTP_METHODS else "other",
+                str(status),
             ).observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, str]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, str], extra: Mapping[str, str] | None = None
+) -> None:
     data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -335,43 +467,58 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(WireError)
     async def _wire(_: Request, exc: WireError) -> JSONResponse:
-        too_large = "over the limit" in str(exc)
-        return _error(
-            413 if too_large else 422, "too-large" if too_large else "bad-payload", str(exc)
-        )
+        if isinstance(exc, PayloadTooLarge):
+            return _error(413, "too-large", str(exc))
+        return _error(422, "bad-payload", str(exc))
 
-    @app.exception_handler(StoreUnavailable)
-    async def _store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("store unavailable: %s", exc)
-        return _error(
-            503,
-            "store-unavailable",
-            f"the store is unavailable, retry later: {exc}",
-            {"Retry-After": str(getattr(exc, "retry_after_s", RETRY_AFTER_S))},
-        )
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "bad-request", validation_message(exc))
 
-    @app.exception_handler(StoreAuthError)
-    async def _store_auth(_: Request, exc: StoreAuthError) -> JSONResponse:
-        log.error("store refused credentials: %s", exc)
-        return _error(
-            503,
-            "store-auth",
-            f"the store refused this service's credentials: {exc}",
-            {"Retry-After": str(RETRY_AFTER_S * 6)},
-        )
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, "not-found", str(exc))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = _HTTP_REASONS.get(exc.status_code, "bad-request")
+        return _error(exc.status_code, reason, str(exc.detail), exc.headers)
 
     @app.exception_handler(StoreError)
     async def _store(_: Request, exc: StoreError) -> JSONResponse:
-        log.error("store error: %s", exc)
-        return _error(500, "store-error", f"store error: {exc}")
+        return store_error_response(exc)
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(422, "bad-request", str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("client disconnected mid-request")
+        return _error(400, "client-disconnected", "the client went away mid-request")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return _error(500, "internal", f"internal error ({type(exc).__name__}); see the logs")
+
+
+_HTTP_REASONS = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 400: "bad-request"}
+
+
+def store_error_response(exc: StoreError) -> JSONResponse:
+    """Every store failure as an HTTP answer: ``NotFound`` -> 404, anything else -> 503 with
+    ``Retry-After`` (the dependency is down, busy, refusing us, or holds something we cannot
+    read: none of it is the caller's fault, and none of it is a bug here)."""
+    if isinstance(exc, NotFound):
+        return _error(404, "not-found", str(exc))
+    if isinstance(exc, StoreAuthError):
+        log.error("store refused credentials: %s", exc)
+        reason, retry, what = "store-auth", RETRY_AFTER_S * 6, "refused this service's credentials"
+    elif isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable: %s", exc)
+        reason, retry, what = "store-unavailable", RETRY_AFTER_S, "is unavailable, retry later"
+    else:
+        log.error("store error: %s", exc)
+        reason, retry, what = "store-error", RETRY_AFTER_S * 6, "failed"
+    retry = int(getattr(exc, "retry_after_s", retry))
+    return _error(503, reason, f"the store {what}: {exc}", {"Retry-After": str(retry)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +545,11 @@ def create_app(
     """
     app = FastAPI(title=title, description=description, version="1", lifespan=lifespan)
     app.state.metrics = metrics
-    app.add_middleware(ObserveMiddleware, metrics=metrics, max_body=max_body)
+    app.state.body_idle_timeout_s = BODY_IDLE_TIMEOUT_S
+    app.state.limits = Limits()
+    app.add_middleware(
+        ObserveMiddleware, metrics=metrics, max_body=max_body, limits=app.state.limits
+    )
     install_error_handlers(app)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process is up")

@@ -704,7 +704,11 @@ def evaluate(
     )
     from collafuse.federation.simulate import load_public_set
     from collafuse.schedule import make_schedule
-    from collafuse.services.coordinator.ingest import PREFIX, parse_disclosure_key
+    from collafuse.services.coordinator.ingest import (
+        PREFIX,
+        ledger_from_store,
+        parse_disclosure_key,
+    )
     from collafuse.store import FileStore, current_checkpoint
     from collafuse.training import (
         build_server_model,
@@ -811,6 +815,7 @@ def evaluate(
         ledger=ledger,
         grid=grid,
         wall_seconds=wall_seconds,
+        disclosures=ledger_from_store(store, fed.sites),
     )
     report["services"] = {
         "transport": "http (local stack: one process per service on 127.0.0.1)",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ci import skip_or_fail
 from PIL import Image
 
 from collafuse.data import (
@@ -95,9 +95,7 @@ def test_env_var_overrides_default(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_real_fashion_mnist() -> None:
     if not (DEFAULT_FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Fashion-MNIST missing at {DEFAULT_FMNIST_DIR} in CI")
-        pytest.skip(f"Fashion-MNIST not installed at {DEFAULT_FMNIST_DIR}")
+        skip_or_fail(f"Fashion-MNIST not installed at {DEFAULT_FMNIST_DIR}")
     ds = load_fashion_mnist(DEFAULT_FMNIST_DIR, "test")
     assert ds.images.shape == (10000, 1, 28, 28) and ds.name == "fashion-mnist-test"
     assert torch.bincount(ds.labels).tolist() == [1000] * 10

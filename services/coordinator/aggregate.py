@@ -11,33 +11,51 @@ equal weights are the FedAvg weights; optimizer moments stay with each replica.)
 
 Push payload: safetensors with ``model.<name>`` and ``ema.<name>`` for every entry of the
 server model's ``state_dict``, and metadata ``replica``, ``base_version``, ``step`` (the
-replica's total optimizer steps), ``T``, ``t_cut``.
+replica's total optimizer steps, >= 0), ``T``, ``t_cut``.
+
+A push is refused (422 ``diverged-weights``) before it can reach a published version when a
+float tensor's RMS exceeds ``MAX_GROWTH`` times the base version's plus ``GROWTH_FLOOR``, or
+when one forward pass of either weight set on fixed noise at ``t = T`` and ``t = t_cut + 1``
+gives a non-finite value or one beyond ``MAX_OUTPUT``: a replica whose training blew up must
+never hand the sites garbage. A push replayed after its round closed is a duplicate (200).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 from torch import Tensor
 
 from collafuse.config import FederationConfig
-from collafuse.services.coordinator.ingest import check_declared_cut
+from collafuse.services.coordinator.ingest import ascii_int, check_declared_cut
 from collafuse.store import Store, current_checkpoint, publish_checkpoint, read_manifest
 from collafuse.training import build_server_model, checkpoint_meta, model_to_bytes
-from collafuse.wire import TensorSpec, content_hash, decode_tensors, max_payload_bytes
+from collafuse.wire import (
+    TensorSpec,
+    canonical,
+    content_hash,
+    decode_tensors,
+    max_payload_bytes,
+)
 
 __all__ = ["ROLE", "AggregationRejected", "Aggregator", "encode_push", "split_push"]
 
 log = logging.getLogger(__name__)
 
 ROLE = "server"
+MAX_GROWTH = 100.0
+"""A pushed tensor's RMS may be at most this many times the base version's (plus the floor)."""
+GROWTH_FLOOR = 1.0
+MAX_OUTPUT = 1e3
+"""Largest |output| of the network on fixed noise (its targets, eps or v, are O(1))."""
 _REPLICA = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -51,7 +69,7 @@ def encode_push(model: dict[str, Tensor], ema: dict[str, Tensor], meta: dict[str
     """A trainer's push payload (see the module docstring)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous().clone() for k, v in ema.items()})
-    return bytes(save(tensors, metadata=meta))
+    return canonical(bytes(save(tensors, metadata=meta)))  # equal pushes, equal bytes
 
 
 def split_push(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -146,22 +164,28 @@ class Aggregator:
 
     def push(self, body: bytes) -> dict[str, object]:
         """Validate and persist one replica's weights; publish if the round is complete."""
-        _, meta = decode_tensors(body, max_bytes=self.max_bytes, expect=self.specs)
+        tensors, meta = decode_tensors(body, max_bytes=self.max_bytes, expect=self.specs)
         check_declared_cut(self.fed, meta, "the pushed weights")
         replica = meta.get("replica", "")
         if not _REPLICA.fullmatch(replica):
             raise AggregationRejected(
                 422, "bad-metadata", f"metadata replica={replica!r}: want 1-63 of [A-Za-z0-9._-]"
             )
-        try:
-            base, step = int(meta["base_version"]), int(meta["step"])
-        except (KeyError, ValueError):
+        base = ascii_int(meta.get("base_version", ""))
+        step = ascii_int(meta.get("step", ""))
+        if base is None or step is None:
             raise AggregationRejected(
-                422, "bad-metadata", "metadata needs integer base_version and step"
-            ) from None
+                422,
+                "bad-metadata",
+                "metadata needs base_version and step as non-negative integers, got "
+                f"base_version={meta.get('base_version')!r}, step={meta.get('step')!r}",
+            )
         digest = content_hash(body)
         with self._lock:
             current = self.current_version()
+            replayed = self._replayed(base, replica, digest, current)
+            if replayed is not None:
+                return replayed
             if base != current:
                 raise AggregationRejected(
                     409,
@@ -171,19 +195,12 @@ class Aggregator:
                 )
             rnd = self._load_round(base)
             if replica in rnd.pushes:
-                if rnd.pushes[replica][0] == digest:  # a retry: finish a failed publish
-                    done = self._publish(rnd) if len(rnd.pushes) >= self.replicas else None
-                    return {
-                        "status": "duplicate",
-                        "duplicate": True,
-                        "round": base,
-                        "published": done,
-                    }
                 raise AggregationRejected(
                     409,
                     "already-pushed",
                     f"replica {replica!r} already pushed different weights for round {base}",
                 )
+            self._check_weights(tensors, base)
             prefix = f"aggregation/{base:08d}/{replica}"
             self.store.put(f"{prefix}.safetensors", body)
             record = {
@@ -206,6 +223,65 @@ class Aggregator:
             "published": published,
             "pending": sorted(rnd.pushes) if published is None else [],
         }
+
+    def _replayed(
+        self, base: int, replica: str, digest: str, current: int
+    ) -> dict[str, object] | None:
+        """The answer to a push already accepted for round ``base`` (None if it is new)."""
+        if base > current:
+            return None
+        meta_key = f"aggregation/{base:08d}/{replica}.json"
+        if not self.store.exists(meta_key):
+            return None
+        if self.store.get_json(meta_key).get("sha256") != digest:
+            return None  # different weights: refused below (stale base or already pushed)
+        published: int | None = base + 1 if base < current else None
+        if base == current:
+            rnd = self._load_round(base)
+            published = self._publish(rnd) if len(rnd.pushes) >= self.replicas else None
+        return {"status": "duplicate", "duplicate": True, "round": base, "published": published}
+
+    def _check_weights(self, tensors: dict[str, Tensor], base: int) -> None:
+        """Refuse pushed weights that blew up (module docstring); caller holds the lock."""
+        found = current_checkpoint(self.store, ROLE)
+        reference = load(found[1]["model.safetensors"]) if found and found[0] == base else {}
+        model, ema = split_push(tensors)
+        for kind, state in (("model", model), ("ema", ema)):
+            for name, value in state.items():
+                ref = reference.get(name)
+                if not value.is_floating_point() or ref is None:
+                    continue
+                limit = MAX_GROWTH * _rms(ref) + GROWTH_FLOOR
+                if _rms(value) > limit:
+                    raise AggregationRejected(
+                        422,
+                        "diverged-weights",
+                        f"pushed {kind} weights {name!r} have RMS {_rms(value):.3g}, over "
+                        f"{limit:.3g} ({MAX_GROWTH:g}x version {base}'s + {GROWTH_FLOOR:g}): "
+                        "the replica's training diverged",
+                    )
+            self._check_outputs(kind, state)
+
+    def _check_outputs(self, kind: str, state: dict[str, Tensor]) -> None:
+        """One forward pass on fixed noise must be finite and O(1)."""
+        net = build_server_model(self.fed)
+        net.load_state_dict(state)
+        net.eval()
+        n = len(self.fed.sites)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((n, *self.fed.image_shape), generator=gen)
+        y = torch.arange(n) if self.fed.server_conditioning == "site" else None
+        with torch.no_grad():
+            for t in {self.fed.T, min(self.fed.t_cut + 1, self.fed.T)}:
+                out = net(x, torch.full((n,), t, dtype=torch.long), y)
+                peak = float(out.abs().max())
+                if not math.isfinite(peak) or peak > MAX_OUTPUT:
+                    raise AggregationRejected(
+                        422,
+                        "diverged-weights",
+                        f"pushed {kind} weights give output |{peak:.3g}| at t={t} on unit "
+                        f"noise (limit {MAX_OUTPUT:g}): the replica's training diverged",
+                    )
 
     def tick(self) -> int | None:
         """Close the round if it is complete or its window has passed (on a schedule)."""
@@ -300,6 +376,10 @@ def average(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         else:
             out[name] = first.clone()
     return out
+
+
+def _rms(x: Tensor) -> float:
+    return float(x.to(torch.float64).pow(2).mean().sqrt()) if x.numel() else 0.0
 
 
 def _state_bytes(state: dict[str, Tensor], meta: dict[str, object]) -> bytes:

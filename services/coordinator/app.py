@@ -3,8 +3,11 @@
 Routes (all under ``/v1`` need ``Authorization: Bearer``; see ``docs/services.md``):
 
 - ``GET /v1/config``: the federation config and its fingerprint (any credential);
-- ``POST /v1/sites/{site}/disclosures``: a site's disclosure (safetensors), validated,
-  guarded, persisted before the answer; 201 new, 200 ``duplicate: true`` for a replay;
+- ``PUT /v1/sites/{site}/ledger``: a site declares, once, how many images it discloses per
+  release (JSON ``{"images": N}``); 201 declared, 200 unchanged, 409 a different count;
+- ``POST /v1/sites/{site}/disclosures``: a site's disclosure (safetensors), validated against
+  the ledger and the raw-data guard, persisted before the answer; 201 new, 200
+  ``duplicate: true`` for a replay;
 - ``PUT /v1/sites/{site}/status``: a site runner reports its phase;
 - ``GET /v1/sites``, ``GET /v1/status``: registry and run status (admin);
 - ``GET /v1/checkpoints/{role}``: the role's checkpoint manifest (any credential);
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import re
@@ -26,25 +28,27 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from collafuse.config import FederationConfig
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import make_schedule
 from collafuse.services.coordinator.aggregate import ROLE, AggregationRejected, Aggregator
-from collafuse.services.coordinator.ingest import DisclosureRejected, Ingestor
+from collafuse.services.coordinator.ingest import MIN_UPLOAD, DisclosureRejected, Ingestor
 from collafuse.services.http import (
     ApiError,
     Auth,
     NotReady,
     check_fingerprint,
     create_app,
+    parse_json,
     read_body,
+    read_model,
 )
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.store import S3Store, Store, StoreError, read_manifest
-from collafuse.wire import WireError
+from collafuse.wire import PayloadTooLarge, WireError
 
 __all__ = ["CoordinatorOptions", "create_coordinator_app"]
 
@@ -62,12 +66,21 @@ class CoordinatorOptions:
     replicas: int = 1  # trainer replicas expected per aggregation round
     aggregation_window_s: float = 60.0  # a round closes this long after its first push
     max_images: int = 20000  # per disclosure upload (split larger sets into parts)
+    min_upload: int = MIN_UPLOAD  # per upload, unless it completes the declared count
     tick_s: float = 1.0
 
 
 class SiteStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     phase: str = Field(..., max_length=64, description="e.g. training, uploaded, sampling, done")
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class LedgerDeclaration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: int = Field(..., ge=1, description="images the site discloses per release")
 
 
 class _State:
@@ -82,7 +95,7 @@ class _State:
         self.fed, self.store, self.auth, self.options = fed, store, auth, options
         self.metrics = metrics
         self.schedule = make_schedule(fed.schedule, fed.T)
-        self.ingestor = Ingestor(store, fed, self.schedule, options.max_images)
+        self.ingestor = Ingestor(store, fed, self.schedule, options.max_images, options.min_upload)
         self.aggregator = Aggregator(
             store, fed, replicas=options.replicas, window_s=options.aggregation_window_s
         )
@@ -93,6 +106,7 @@ class _State:
     def initialise(self) -> None:
         if isinstance(self.store, S3Store):
             self.store.ensure_bucket()
+        self.store.sweep_stale()
         version = self.aggregator.ensure_initial()
         self.metrics.checkpoint_version.labels(ROLE).set(version)
         for site, entry in self.ingestor.summary().items():
@@ -101,7 +115,7 @@ class _State:
         self.initialised = True
 
     def set_epsilon(self, site: str) -> None:
-        releases = len({k.split("/")[-1][:4] for k in self.store.list(f"disclosures/{site}/")})
+        releases = self.ingestor.ledger()[site]["releases"]
         acct = account_cut(
             self.schedule,
             self.fed.t_cut,
@@ -185,6 +199,22 @@ def create_coordinator_app(
             "client_fraction": fed.client_fraction,
         }
 
+    @app.put(
+        "/v1/sites/{site}/ledger",
+        tags=["federation"],
+        summary="A site declares how many images it discloses per release (once)",
+        status_code=201,
+        responses={200: {"description": "the same declaration again"}, 409: {}},
+    )
+    async def declare(site: str, request: Request) -> JSONResponse:
+        auth.require_site(request, site, fed)
+        body = await read_model(request, LedgerDeclaration, STATUS_BODY_LIMIT)
+        try:
+            result = await run_in_threadpool(state.ingestor.declare, site, body.images)
+        except DisclosureRejected as exc:
+            raise ApiError(exc.status, exc.reason, str(exc)) from None
+        return JSONResponse(result, status_code=201 if result["status"] == "declared" else 200)
+
     @app.post(
         "/v1/sites/{site}/disclosures",
         tags=["federation"],
@@ -211,7 +241,7 @@ def create_coordinator_app(
                 raise ApiError(exc.status, exc.reason, str(exc)) from None
             raise
         except WireError as exc:
-            reason = "too-large" if "over the limit" in str(exc) else "bad-payload"
+            reason = "too-large" if isinstance(exc, PayloadTooLarge) else "bad-payload"
             metrics.disclosures.labels(label, "rejected", reason).inc()
             raise
         outcome = "duplicate" if result["duplicate"] else "accepted"
@@ -223,8 +253,7 @@ def create_coordinator_app(
     @app.put("/v1/sites/{site}/status", tags=["federation"], summary="A site reports its phase")
     async def put_site_status(site: str, request: Request) -> dict[str, str]:
         auth.require_site(request, site, fed)
-        body = await read_body(request, STATUS_BODY_LIMIT)
-        status = SiteStatus.model_validate_json(body)
+        status = await read_model(request, SiteStatus, STATUS_BODY_LIMIT)
         state.site_status[site] = status.model_dump()
         return {"status": "ok"}
 
@@ -249,13 +278,17 @@ def create_coordinator_app(
     async def run_status(request: Request) -> dict[str, Any]:
         auth.require_admin(request)
         summary = await run_in_threadpool(state.ingestor.summary)
+        ledger = await run_in_threadpool(state.ingestor.ledger)
         manifest = await run_in_threadpool(read_manifest, store, ROLE)
         return {
             "fingerprint": fed.fingerprint(),
             "T": fed.T,
             "t_cut": fed.t_cut,
             "client_fraction": fed.client_fraction,
-            "sites": {s: {**summary[s], "status": state.site_status.get(s)} for s in fed.sites},
+            "sites": {
+                s: {**summary[s], "ledger": ledger[s], "status": state.site_status.get(s)}
+                for s in fed.sites
+            },
             "all_disclosed": all(summary[s]["uploads"] > 0 for s in fed.sites),
             "checkpoint": None
             if manifest is None
@@ -298,11 +331,7 @@ def create_coordinator_app(
         auth.require_admin(request)
         if not _NAME.fullmatch(name):
             raise ApiError(422, "bad-request", f"report name {name!r} is not a valid name")
-        body = await read_body(request, REPORT_BODY_LIMIT)
-        try:
-            report = json.loads(body)
-        except ValueError as exc:
-            raise ApiError(422, "bad-request", f"report is not JSON: {exc}") from None
+        report = parse_json(await read_body(request, REPORT_BODY_LIMIT), "the report")
         await run_in_threadpool(store.put_json, f"reports/{name}.json", report)
         return {"status": "stored", "key": f"reports/{name}.json"}
 

@@ -1,4 +1,4 @@
-"""Ingest of disclosures: validate, guard against raw data, persist, idempotently.
+"""Ingest of disclosures: the ledger, the raw-data guard, persistence, idempotently.
 
 A disclosure is one safetensors payload from one site: ``x_tc [N, C, H, W]`` (``exact`` and
 ``renoise`` modes; the ``noise-revealed`` ablation sends ``x_t``, ``eps`` and ``t``), plus
@@ -11,53 +11,62 @@ carries the content hash (idempotency: the same bytes again are a duplicate, sto
 the image count (so status and the trainer need not open the file). One ``put`` is the commit
 point, made before the upload is acknowledged.
 
-The raw-data guard (METHOD.md §5) estimates each image's residual noise level from the
-differences of neighbouring pixels, robustly (median absolute deviation), and refuses the
-upload when any image is clearly below ``sqrt(1 - abar_tc)``: such an image is not a
-disclosure at the configured cut (a raw image, or one noised for a smaller cut). It is skipped
-for ``t_cut = 0`` (centralized: raw images by design) and for the ``noise-revealed`` ablation,
-whose uploads carry their noise in the clear.
+**The disclosure ledger.** Before its first upload a site declares, once, how many images it
+discloses per release (``ledger/<site>.json``). The coordinator refuses any upload that would
+take a release past that count, whatever its part number, and any release beyond the
+federation's ``releases``: re-sending the same images with fresh noise (the averaging attack
+the design exists to stop) needs a new release, which the federation must allow and the
+accountant then counts. An upload smaller than ``MIN_UPLOAD`` images is refused unless it
+completes the declared count, so the guard always judges a meaningful sample.
+
+**The raw-data guard** (:mod:`collafuse.privacy.guard`, docs/design.md) checks each upload's
+noise floor, signal ceiling and power ceiling against a true ``x_tc`` at this cut, per image and
+pooled over everything the site has disclosed. It is skipped for ``t_cut = 0`` (centralized:
+raw images by design) and for the ``noise-revealed`` ablation, whose uploads carry their noise
+in the clear.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from collafuse.config import FederationConfig
+from collafuse.privacy.guard import GuardRefusal, GuardStats, check_upload, summarise
 from collafuse.schedule import Schedule
-from collafuse.store import Store
+from collafuse.store import NotFound, Store, StoreError
 from collafuse.wire import TensorSpec, content_hash, decode_tensors, max_payload_bytes
 
 __all__ = [
-    "GUARD_RATIO",
+    "MIN_UPLOAD",
     "DisclosureRejected",
     "IngestResult",
     "Ingestor",
     "disclosure_key",
     "disclosure_specs",
+    "ledger_from_store",
+    "ledger_key",
     "max_disclosure_bytes",
-    "noise_level",
     "parse_disclosure_key",
 ]
 
-GUARD_RATIO = 0.5
-"""Refuse an image whose estimated noise level is below this fraction of ``sqrt(1 - abar_tc)``."""
+MIN_UPLOAD = 32
+"""Images per upload at least, unless the upload completes the site's declared count."""
 
-RANGE_SIGMAS = 12.0
-"""Refuse values beyond ``sqrt(abar_tc) + RANGE_SIGMAS * sqrt(1 - abar_tc)`` (not from [-1, 1])."""
+MAX_DECLARED = 10_000_000
+"""Images a site may declare per release at most (a typo guard, not a policy)."""
 
 PREFIX = "disclosures"
+LEDGER_PREFIX = "ledger"
+_DIGITS = re.compile(r"[0-9]{1,12}")
 _KEY = re.compile(
     r"disclosures/(?P<site>[A-Za-z0-9-]+)/r(?P<release>\d{3})-p(?P<part>\d{4})-n(?P<n>\d+)-"
     r"(?P<digest>[0-9a-f]{64})\.safetensors"
 )
-_MAD_TO_STD = 1.4826  # std of a Gaussian = 1.4826 * its median absolute deviation
 
 
 class DisclosureRejected(ValueError):
@@ -93,6 +102,11 @@ def disclosure_key(site: str, release: int, part: int, n: int, digest: str) -> s
     return f"{PREFIX}/{site}/r{release:03d}-p{part:04d}-n{n}-{digest}.safetensors"
 
 
+def ledger_key(site: str) -> str:
+    """Where a site's declaration lives in the store."""
+    return f"{LEDGER_PREFIX}/{site}.json"
+
+
 def parse_disclosure_key(key: str) -> dict[str, object] | None:
     """``{"site", "release", "part", "n", "digest"}`` of a disclosure key, None for others."""
     m = _KEY.fullmatch(key)
@@ -125,62 +139,15 @@ def max_disclosure_bytes(fed: FederationConfig, max_images: int) -> int:
     return max_payload_bytes(max_images * per_image, fed.image_shape)
 
 
-def noise_level(x: Tensor) -> Tensor:
-    """Robust per-image residual noise std of ``x [N, C, H, W]`` -> ``[N]``.
-
-    The differences of horizontally and vertically neighbouring pixels of
-    ``a x0 + b eps`` have std ``>= sqrt(2) b``; their median absolute deviation, scaled to a
-    Gaussian std and divided by ``sqrt(2)``, estimates ``b`` while ignoring the image's edges
-    (flat regions of a raw image give about 0).
-    """
-    x = x.to(torch.float64)
-    dh = (x[..., :, 1:] - x[..., :, :-1]).flatten(1)
-    dv = (x[..., 1:, :] - x[..., :-1, :]).flatten(1)
-    d = torch.cat([dh, dv], dim=1)  # [N, M]
-    med = d.median(dim=1, keepdim=True).values
-    mad = (d - med).abs().median(dim=1).values
-    return _MAD_TO_STD * mad / math.sqrt(2)
-
-
-def check_noise(fed: FederationConfig, schedule: Schedule, x_tc: Tensor) -> None:
-    """The raw-data guard; raises :class:`DisclosureRejected` (``looks-unnoised`` or
-    ``out-of-range``). A no-op at ``t_cut = 0``."""
-    if fed.t_cut == 0 or x_tc.shape[0] == 0:
-        return
-    abar = schedule.abar(fed.t_cut)
-    expected = math.sqrt(1 - abar)
-    bound = math.sqrt(abar) + RANGE_SIGMAS * expected
-    peak = float(x_tc.abs().max())
-    if peak > bound:
-        raise DisclosureRejected(
-            422,
-            "out-of-range",
-            f"x_tc has |value| {peak:.3g}, beyond {bound:.3g} = sqrt(abar_tc) + "
-            f"{RANGE_SIGMAS:g} sqrt(1 - abar_tc): not a noised image in [-1, 1] at t_cut="
-            f"{fed.t_cut}",
-        )
-    level = noise_level(x_tc)
-    low = level < GUARD_RATIO * expected
-    if bool(low.any()):
-        raise DisclosureRejected(
-            422,
-            "looks-unnoised",
-            f"{int(low.sum())} of {len(level)} image(s) look un-noised for the cut: residual "
-            f"noise level {float(level.min()):.3g} (median {float(level.median()):.3g}) against "
-            f"the expected sqrt(1 - abar_tc) = {expected:.3g} at t_cut={fed.t_cut}, T={fed.T}; "
-            f"upload x_tc = sqrt(abar_tc) x0 + sqrt(1 - abar_tc) eps, never raw images",
-        )
-
-
 def check_declared_cut(fed: FederationConfig, meta: dict[str, str], what: str) -> None:
     """A payload's declared ``T`` and ``t_cut`` (metadata, optional) must be the federation's."""
     for name, want in (("T", fed.T), ("t_cut", fed.t_cut)):
         raw = meta.get(name)
         if raw is None:
             continue
-        if not raw.isdigit():
+        if ascii_int(raw) is None:
             raise DisclosureRejected(
-                422, "bad-metadata", f"{what}: {name}={raw!r} is not an integer"
+                422, "bad-metadata", f"{what}: metadata {name}={raw!r} is not an integer"
             )
         if int(raw) != want:
             raise DisclosureRejected(
@@ -195,24 +162,140 @@ def _int_meta(meta: dict[str, str], name: str, default: int, upper: int) -> int:
     raw = meta.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) >= upper:
+    value = ascii_int(raw)
+    if value is None or value >= upper:
         raise DisclosureRejected(
             422, "bad-metadata", f"metadata {name}={raw!r}: want an integer in 0..{upper - 1}"
         )
-    return int(raw)
+    return value
+
+
+def ascii_int(raw: str) -> int | None:
+    """``raw`` as a non-negative int if it is 1-12 ASCII digits, else None (``str.isdigit``
+    admits digits such as '²' that ``int`` refuses)."""
+    return int(raw) if _DIGITS.fullmatch(raw) else None
+
+
+def ledger_from_store(store: Store, sites: list[str]) -> dict[str, dict[str, Any]]:
+    """The disclosure ledger as the store holds it (what the report reads): per site, the
+    declared images per release, the images accepted per release, and the releases used."""
+    out: dict[str, dict[str, Any]] = {}
+    for site in sites:
+        try:
+            declared: int | None = int(store.get_json(ledger_key(site))["images"])
+        except NotFound:
+            declared = None
+        by_release: dict[str, int] = {}
+        for key in store.list(f"{PREFIX}/{site}/"):
+            info = parse_disclosure_key(key)
+            if info is not None:
+                release = str(info["release"])
+                by_release[release] = by_release.get(release, 0) + int(str(info["n"]))
+        out[site] = {
+            "declared": declared,
+            "images": sum(by_release.values()),
+            "images_by_release": by_release,
+            "releases": len(by_release),
+        }
+    return out
+
+
+@dataclass
+class _SiteLedger:
+    """What the coordinator knows of one site: its declaration, the images accepted per
+    release, and the guard's pooled statistics (rebuilt from the store after a restart)."""
+
+    declared: int | None
+    images: dict[int, int]
+    pooled: GuardStats
 
 
 class Ingestor:
     """Validates and persists disclosures into ``store`` for ``fed`` (one lock per site)."""
 
     def __init__(
-        self, store: Store, fed: FederationConfig, schedule: Schedule, max_images: int
+        self,
+        store: Store,
+        fed: FederationConfig,
+        schedule: Schedule,
+        max_images: int,
+        min_upload: int = MIN_UPLOAD,
     ) -> None:
+        if not 1 <= min_upload <= max_images:
+            raise ValueError(f"min_upload ({min_upload}) must be in 1..max_images ({max_images})")
         self.store, self.fed, self.schedule = store, fed, schedule
-        self.max_images = max_images
+        self.max_images, self.min_upload = max_images, min_upload
         self.max_bytes = max_disclosure_bytes(fed, max_images)
         self.specs = disclosure_specs(fed)
+        self.guarded = fed.t_cut > 0 and fed.upload_mode != "noise-revealed"
         self._locks = {site: threading.Lock() for site in fed.sites}
+        self._ledgers: dict[str, _SiteLedger] = {}
+
+    # -- the ledger --------------------------------------------------------------------------
+
+    def declare(self, site: str, images: int) -> dict[str, Any]:
+        """Record that ``site`` discloses ``images`` images per release; once. The same
+        declaration again is ``unchanged``; a different one is refused (409)."""
+        if not 1 <= images <= MAX_DECLARED:
+            raise DisclosureRejected(
+                422, "bad-request", f"images={images}: want an integer in 1..{MAX_DECLARED}"
+            )
+        with self._locks[site]:
+            ledger = self._ledger(site)
+            if ledger.declared == images:
+                return {"site": site, "images": images, "status": "unchanged"}
+            if ledger.declared is not None:
+                raise DisclosureRejected(
+                    409,
+                    "ledger-declared",
+                    f"site {site!r} declared {ledger.declared} images per release; a "
+                    f"declaration is made once (asked for {images})",
+                )
+            self.store.put_json(ledger_key(site), {"site": site, "images": images})
+            ledger.declared = images
+        return {"site": site, "images": images, "status": "declared"}
+
+    def _ledger(self, site: str) -> _SiteLedger:
+        """The site's ledger, read from the store once (caller holds the site's lock)."""
+        cached = self._ledgers.get(site)
+        if cached is not None:
+            return cached
+        try:
+            declared = int(self.store.get_json(ledger_key(site))["images"])
+        except NotFound:
+            declared = None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"ledger of site {site!r} in the store is malformed: {exc}") from exc
+        images: dict[int, int] = {}
+        pooled = GuardStats()
+        for key in self.store.list(f"{PREFIX}/{site}/"):
+            info = parse_disclosure_key(key)
+            if info is None:
+                continue
+            release = int(str(info["release"]))
+            images[release] = images.get(release, 0) + int(str(info["n"]))
+            if self.guarded:
+                tensors, _ = decode_tensors(self.store.get(key), max_bytes=self.max_bytes)
+                pooled = pooled + summarise(tensors["x_tc"], self.schedule.abar(self.fed.t_cut))
+        ledger = _SiteLedger(declared, images, pooled)
+        self._ledgers[site] = ledger
+        return ledger
+
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        """Per site: images declared per release, images accepted per release, releases used."""
+        out = {}
+        for site in self.fed.sites:
+            with self._locks[site]:
+                ledger = self._ledger(site)
+                out[site] = {
+                    "declared": ledger.declared,
+                    "images": sum(ledger.images.values()),
+                    "images_by_release": {str(r): n for r, n in sorted(ledger.images.items())},
+                    "releases": len(ledger.images),
+                }
+        return out
+
+    # -- uploads -----------------------------------------------------------------------------
 
     def validate(self, site: str, body: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
         """Decode and check a payload (no store access). Raises ``WireError`` or
@@ -252,12 +335,11 @@ class Ingestor:
                 raise DisclosureRejected(
                     422, "bad-payload", f"t must be in {self.fed.t_cut + 1}..{self.fed.T}"
                 )
-        else:
-            check_noise(self.fed, self.schedule, tensors["x_tc"])
         return tensors, meta
 
     def ingest(self, site: str, body: bytes) -> IngestResult:
-        """Validate, then store once; replays of the same bytes are duplicates."""
+        """Validate, check against the ledger and the guard, then store once; replays of the
+        same bytes are duplicates."""
         tensors, meta = self.validate(site, body)
         n = next(iter(tensors.values())).shape[0]
         release = _int_meta(meta, "release", 0, 1000)
@@ -265,30 +347,77 @@ class Ingestor:
         digest = content_hash(body)
         key = disclosure_key(site, release, part, n, digest)
         with self._locks[site]:
-            slot = f"{PREFIX}/{site}/r{release:03d}-p{part:04d}-"
-            existing = self.store.list(slot)
-            if any(k.endswith(f"-{digest}.safetensors") for k in existing):
+            if any(
+                k.endswith(f"-{digest}.safetensors") for k in self.store.list(f"{PREFIX}/{site}/")
+            ):
                 return IngestResult("duplicate", key, digest, n, release, part)
-            if existing:
-                raise DisclosureRejected(
-                    409,
-                    "already-disclosed",
-                    f"site {site!r} already disclosed release {release} part {part} with "
-                    f"different content: each image is disclosed once per release "
-                    f"(releases={self.fed.releases}); re-send the stored bytes on retry",
-                )
-            if release >= self.fed.releases:
-                raise DisclosureRejected(
-                    409,
-                    "releases-exhausted",
-                    f"release {release} exceeds the federation's releases={self.fed.releases} "
-                    "(fresh noise on the same images lets the server average it away)",
-                )
+            ledger = self._ledger(site)
+            self._check_ledger(site, ledger, release, part, n)
+            stats = self._guard(ledger, tensors)
             self.store.put(key, body)
+            ledger.images[release] = ledger.images.get(release, 0) + n
+            if stats is not None:
+                ledger.pooled = ledger.pooled + stats
         return IngestResult("accepted", key, digest, n, release, part)
 
+    def _check_ledger(
+        self, site: str, ledger: _SiteLedger, release: int, part: int, n: int
+    ) -> None:
+        """Refuse an upload the site's declaration or the federation's releases do not allow."""
+        if ledger.declared is None:
+            raise DisclosureRejected(
+                409,
+                "undeclared",
+                f"site {site!r} has not declared how many images it discloses: "
+                f'PUT /v1/sites/{site}/ledger {{"images": N}} first',
+            )
+        if release >= self.fed.releases:
+            raise DisclosureRejected(
+                409,
+                "releases-exhausted",
+                f"release {release} exceeds the federation's releases={self.fed.releases} "
+                "(fresh noise on the same images lets the server average it away)",
+            )
+        if self.store.list(f"{PREFIX}/{site}/r{release:03d}-p{part:04d}-"):
+            raise DisclosureRejected(
+                409,
+                "already-disclosed",
+                f"site {site!r} already disclosed release {release} part {part} with "
+                "different content: each image is disclosed once per release; re-send the "
+                "stored bytes on retry",
+            )
+        done = ledger.images.get(release, 0)
+        if done + n > ledger.declared:
+            raise DisclosureRejected(
+                409,
+                "over-declared",
+                f"site {site!r} declared {ledger.declared} images per release and has disclosed "
+                f"{done} in release {release}: {n} more would exceed it (each image is "
+                f"disclosed once per release; releases={self.fed.releases})",
+            )
+        if n < self.min_upload and done + n != ledger.declared:
+            raise DisclosureRejected(
+                422,
+                "upload-too-small",
+                f"{n} images in one upload: send at least {self.min_upload} per part (the last "
+                f"part may be smaller; {ledger.declared - done} remain of the declared count)",
+            )
+
+    def _guard(self, ledger: _SiteLedger, tensors: dict[str, Tensor]) -> GuardStats | None:
+        if not self.guarded:
+            return None
+        try:
+            return check_upload(
+                tensors["x_tc"],
+                self.schedule.abar(self.fed.t_cut),
+                ledger.pooled,
+                what="the disclosure",
+            )
+        except GuardRefusal as exc:
+            raise DisclosureRejected(422, exc.reason, str(exc)) from None
+
     def summary(self) -> dict[str, dict[str, int]]:
-        """Per site: uploads, images and releases disclosed so far (from the keys)."""
+        """Per site: uploads and images disclosed so far (from the keys)."""
         out = {site: {"uploads": 0, "images": 0} for site in self.fed.sites}
         for key in self.store.list(f"{PREFIX}/"):
             info = parse_disclosure_key(key)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from collafuse.services.http import (
     check_cut,
     check_fingerprint,
     create_app,
+    read_model,
     tensor_response,
 )
 from collafuse.services.metrics import ServiceMetrics
@@ -60,6 +61,12 @@ __all__ = ["ServeOptions", "ServerModel", "create_server_app"]
 log = logging.getLogger(__name__)
 
 ROLE = "server"
+SAMPLE_BODY_LIMIT = 4096
+DISCONNECT_POLL_S = 0.25
+
+
+class ModelDiverged(RuntimeError):
+    """The served model produced non-finite hand-offs: the server's fault, never the site's."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class ServeOptions:
 class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    site: str = Field(..., description="the requesting site's id (its own)")
+    site: str = Field(..., max_length=64, description="the requesting site's id (its own)")
     n: int = Field(..., ge=1, description="number of hand-offs")
     steps: int | None = Field(None, ge=1, description="respaced server steps (default: server's)")
     fp16: bool = Field(False, description="send x_tc as float16")
@@ -140,7 +147,10 @@ def create_server_app(
         if model is None:
             raise RuntimeError("no model loaded")
         grid = sampling_grid(fed, steps, None) if steps else None
-        return server_handoffs(model, fed, schedule, site_ids, generator, grid=grid)
+        x_tc = server_handoffs(model, fed, schedule, site_ids, generator, grid=grid)
+        if not bool(torch.isfinite(x_tc).all()):
+            raise ModelDiverged(f"server checkpoint v{served.version} gave non-finite hand-offs")
+        return x_tc
 
     def server_nfe(steps: int | None) -> int:
         return min(steps, fed.server_steps) if steps else fed.server_steps
@@ -210,6 +220,12 @@ def create_server_app(
         tags=["sampling"],
         summary="Hand-offs x_tc for a site",
         response_class=Response,
+        openapi_extra={  # the body is read by hand, after auth
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SampleRequest.model_json_schema()}},
+            }
+        },
         responses={
             200: {
                 "content": {"application/octet-stream": {}},
@@ -217,7 +233,9 @@ def create_server_app(
             }
         },
     )
-    async def sample(body: SampleRequest, request: Request) -> Response:
+    async def sample(request: Request) -> Response:
+        auth.authenticate(request)  # before the body is read or parsed
+        body = await read_model(request, SampleRequest, SAMPLE_BODY_LIMIT)
         auth.require_site(request, body.site, fed)
         check_fingerprint(request, fed)
         check_cut(fed, body.T, body.t_cut, "the sample request")
@@ -233,7 +251,9 @@ def create_server_app(
             )
         steps = body.steps or options.default_steps
         version = served.version
-        x_tc = await batcher.submit(body.site, fed.site_index(body.site), body.n, steps)
+        x_tc = await _submit_watching(
+            request, batcher.submit(body.site, fed.site_index(body.site), body.n, steps)
+        )
         data = encode_tensors(
             {"x_tc": x_tc},
             fp16=body.fp16,
@@ -264,3 +284,24 @@ def create_server_app(
         }
 
     return app
+
+
+async def _submit_watching(request: Request, work: Awaitable[Tensor]) -> Tensor:
+    """Await ``work``, cancelling it (and its place in the batch) if the client goes away;
+    a diverged model is a 503 the site retries, not the site's fault."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(400, "client-disconnected", "the client went away; not computed")
+    except ModelDiverged as exc:
+        raise ApiError(
+            503, "model-diverged", f"{exc}; a newer version is needed", {"Retry-After": "30"}
+        ) from None
+    finally:
+        if not task.done():
+            task.cancel()

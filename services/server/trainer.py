@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
@@ -39,7 +39,7 @@ from collafuse.schedule import Schedule, make_schedule
 from collafuse.services.client import ServiceClient, ServiceError
 from collafuse.services.coordinator.aggregate import encode_push
 from collafuse.services.coordinator.ingest import PREFIX, disclosure_specs, parse_disclosure_key
-from collafuse.services.http import NotReady, create_app
+from collafuse.services.http import NotReady, create_app, query_flag
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.settings import place_model
 from collafuse.store import Store, StoreError, current_checkpoint, read_manifest
@@ -410,7 +410,7 @@ def create_trainer_app(
     app.state.loop = loop
 
     @app.get("/v1/status", tags=["training"], summary="The replica's progress")
-    async def status(losses: bool = False) -> dict[str, Any]:
-        return loop.status(losses)
+    async def status(request: Request) -> dict[str, Any]:
+        return loop.status(query_flag(request, "losses"))
 
     return app

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from collafuse.services.client import ServiceError
-from collafuse.services.http import ApiError, Auth, NotReady, create_app
+from collafuse.services.http import ApiError, Auth, NotReady, create_app, query_flag, read_model
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.site.runner import SiteRunner
 
@@ -31,7 +31,7 @@ MAX_GENERATE = 100_000
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     n: int = Field(..., ge=1, le=MAX_GENERATE, description="number of samples")
 
@@ -79,13 +79,14 @@ def create_site_app(
     app.state.runner = runner
 
     @app.get("/v1/status", tags=["site"], summary="The runner's progress")
-    async def status(request: Request, losses: bool = False) -> dict[str, Any]:
-        auth.require_admin(request)
-        return runner.status(losses)
+    async def status(request: Request) -> dict[str, Any]:
+        auth.require_admin(request)  # before any parameter is looked at
+        return runner.status(query_flag(request, "losses"))
 
     @app.post("/v1/generate", tags=["site"], summary="Generate n samples (kept at the site)")
-    async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    async def generate(request: Request) -> dict[str, Any]:
         auth.require_admin(request)
+        body = await read_model(request, GenerateRequest, 4096)
         if not runner.trained.is_set():
             raise ApiError(
                 409,

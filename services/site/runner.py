@@ -236,7 +236,11 @@ class SiteRunner:
         ack_path = self.dir / "disclosure" / "ack.json"
         acks: dict[str, Any] = json.loads(ack_path.read_text()) if ack_path.exists() else {}
         answers = []
-        for path in self._disclosure_parts():
+        parts = self._disclosure_parts()
+        self.coordinator.request(  # the ledger: how many images, once (idempotent)
+            "PUT", f"/v1/sites/{self.options.site}/ledger", json={"images": len(self.images)}
+        )
+        for path in parts:
             data = path.read_bytes()
             digest = content_hash(data)
             if acks.get(path.name) == digest:

@@ -22,6 +22,7 @@ import builtins
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -57,13 +58,20 @@ __all__ = [
 
 DEFAULT_STORE_URL = "file:///var/lib/collafuse/store"
 
+log = logging.getLogger(__name__)
+
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _TMP_SUFFIX = ".tmp~"  # '~' is not a key character, so temp files never list as keys
+STALE_TEMP_S = 600.0
+"""A temp file untouched this long belongs to a writer that died (a put takes seconds)."""
 _AUTH_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 )
-_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
+_TRANSIENT_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "TooManyRequests"}
+)
+_TRANSIENT_STATUSES = frozenset({408, 425, 429})  # timeouts and rate limits: retry later
 _T = TypeVar("_T")
 
 
@@ -132,6 +140,11 @@ class Store(ABC):
     @abstractmethod
     def check(self) -> None:
         """Readiness probe: return if the store answers, else raise a :class:`StoreError`."""
+
+    def sweep_stale(self, older_than_s: float = STALE_TEMP_S) -> int:
+        """Remove what crashed writers left behind; returns how many. A no-op where writes
+        are atomic on the backend (S3)."""
+        return 0
 
     def put_json(self, key: str, obj: Any) -> None:
         """Store ``obj`` as UTF-8 JSON (sorted keys, so equal objects give equal bytes)."""
@@ -213,6 +226,22 @@ class FileStore(Store):
         except OSError as exc:
             raise _os_failure(f"cannot delete store key {key!r}", exc) from exc
 
+    def sweep_stale(self, older_than_s: float = STALE_TEMP_S) -> int:
+        """Delete ``*.tmp~`` files older than ``older_than_s`` (a writer killed mid-put)."""
+        removed, cutoff = 0, time.time() - older_than_s
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                path = Path(dirpath) / name
+                try:
+                    if name.endswith(_TMP_SUFFIX) and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except OSError as exc:  # gone already, or not ours to remove: leave it
+                    log.warning("cannot sweep stale temp file %s: %s", path, exc)
+        if removed:
+            log.info("swept %d stale temp file(s) under %s", removed, self.root)
+        return removed
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +266,12 @@ def _os_failure(what: str, exc: OSError) -> StoreError:
 
 def _atomic_write(path: Path, data: bytes, key: str) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, rename it over ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX
+        )
+    except OSError as exc:
+        raise _os_failure(f"cannot write store key {key!r}", exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -415,8 +449,12 @@ class S3Store(Store):
             status = int(getattr(exc, "_code", 0) or 0)
         else:  # transport: refused, reset, timed out, DNS
             return StoreUnavailable(f"{where}: endpoint unreachable ({type(exc).__name__}: {exc})")
-        if status >= 500:
-            return StoreUnavailable(f"{where}: server error HTTP {status}")
+        if status >= 500 or status in _TRANSIENT_STATUSES:
+            return StoreUnavailable(f"{where}: server busy or failing (HTTP {status})")
+        if status in (401, 403):
+            return StoreAuthError(
+                f"{where}: access refused (HTTP {status}, no S3 error body: a proxy or gateway?)"
+            )
         return StoreError(f"{where}: unexpected response HTTP {status}: {exc}")
 
     def _classify_s3(self, where: str, exc: S3Error) -> StoreError:
@@ -432,8 +470,10 @@ class S3Store(Store):
                 f"{where}: credentials refused ({code}); check COLLAFUSE_S3_ACCESS_KEY and "
                 "COLLAFUSE_S3_SECRET_KEY and the bucket policy"
             )
-        if code in _TRANSIENT_CODES or status >= 500:
+        if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES or status >= 500:
             return StoreUnavailable(f"{where}: server busy or failing ({code or status})")
+        if status in (401, 403):
+            return StoreAuthError(f"{where}: access refused ({code or status}): {exc.message}")
         return StoreError(f"{where}: {code or status}: {exc.message}")
 
     def _no_bucket_message(self) -> str:

@@ -27,8 +27,10 @@ from safetensors.torch import save as _st_save
 __all__ = [
     "DEFAULT_DTYPES",
     "MAX_BODY_BYTES",
+    "PayloadTooLarge",
     "TensorSpec",
     "WireError",
+    "canonical",
     "content_hash",
     "decode_tensors",
     "encode_tensors",
@@ -48,6 +50,10 @@ _UPCAST = (torch.float16, torch.bfloat16)
 
 class WireError(ValueError):
     """A tensor payload was refused; the message names the key and the problem."""
+
+
+class PayloadTooLarge(WireError):
+    """A payload over its size bound (HTTP 413, not 422)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,18 @@ def encode_tensors(
     prepared: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         prepared[key] = _prepare(key, tensor, fp16)
-    return bytes(_st_save(prepared, metadata=dict(metadata) if metadata else None))
+    return canonical(bytes(_st_save(prepared, metadata=dict(metadata) if metadata else None)))
+
+
+def canonical(blob: bytes) -> bytes:
+    """``blob`` with its JSON header's keys sorted: safetensors writes the metadata in hash-map
+    order, which differs between calls, so equal tensors and metadata would otherwise give
+    different bytes (and content hashes). The data section is unchanged."""
+    size = int.from_bytes(blob[:_HEADER_LEN_BYTES], "little")
+    header = json.loads(blob[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-(_HEADER_LEN_BYTES + len(text)) % 8)  # keep the data 8-byte aligned
+    return len(text).to_bytes(_HEADER_LEN_BYTES, "little") + text + blob[_HEADER_LEN_BYTES + size :]
 
 
 def decode_tensors(
@@ -133,7 +150,7 @@ def decode_tensors(
     tensors. fp16/bf16 tensors are returned as float32. Raises :class:`WireError`.
     """
     if len(data) > max_bytes:
-        raise WireError(f"payload is {len(data)} bytes, over the limit of {max_bytes} bytes")
+        raise PayloadTooLarge(f"payload is {len(data)} bytes, over the limit of {max_bytes} bytes")
     metadata = _read_metadata(data)
     try:
         tensors = _st_load(bytes(data))

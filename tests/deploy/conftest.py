@@ -7,7 +7,7 @@ outside the project's virtual environment:
 - .cache/checkov-venv: checkov;
 - promtool (Debian's prometheus package) and kubectl (kustomize) on PATH.
 
-A missing tool skips its tests with the reason, except under CI=true, where it fails them.
+A missing tool skips its tests with the reason, except under CI, where it fails them (tests/ci.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ci import IN_CI as IN_CI  # re-exported: the one CI switch (tests/ci.py)
+from ci import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "collafuse"
@@ -30,18 +32,14 @@ CACHE = Path(os.environ.get("DEPLOY_CACHE", ROOT / ".cache"))
 DEPLOY_VENV = CACHE / "deploy-venv" / "bin"
 CHECKOV_VENV = CACHE / "checkov-venv" / "bin"
 KUBE_VERSIONS = ("1.25.0", "1.30.0", "1.33.0")  # Chart.yaml kubeVersion floor .. recent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def need(path_or_name: str | Path, why: str) -> str:
-    """The tool's path; skip (or fail under CI=true) when it is not installed."""
+    """The tool's path; skip (or fail under CI) when it is not installed."""
     found = str(path_or_name) if Path(path_or_name).is_file() else shutil.which(str(path_or_name))
     if found:
         return found
-    message = f"{path_or_name} not found ({why}); run `make deploy-tools`"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail(f"{path_or_name} not found ({why}); run `make deploy-tools`")
 
 
 def deploy_python() -> str:

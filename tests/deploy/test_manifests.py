@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from ci import need_module
 
 from .conftest import DEPLOY_VENV, KUBE_VERSIONS, Rendered, load_docs, need, run
 
@@ -41,7 +42,7 @@ def test_kubernetes_validate_strict(
 
 
 def test_custom_resources_match_the_repo_schemas(rendered: dict[str, Rendered]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need_module("jsonschema")
     schemas = {
         "ServiceMonitor": json.loads((SCHEMAS / "servicemonitor.schema.json").read_text()),
         "PrometheusRule": json.loads((SCHEMAS / "prometheusrule.schema.json").read_text()),
@@ -56,7 +57,7 @@ def test_custom_resources_match_the_repo_schemas(rendered: dict[str, Rendered]) 
 
 
 def test_custom_resource_schemas_refuse_typos(rendered: dict[str, Rendered]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need_module("jsonschema")
     schema = json.loads((SCHEMAS / "servicemonitor.schema.json").read_text())
     (sm,) = rendered["three-sites-gpu-tls-monitoring"].kind("ServiceMonitor")
     sm["spec"]["endpoints"][0]["scrapeInterval"] = "30s"  # the field is `interval`

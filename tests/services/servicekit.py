@@ -7,7 +7,7 @@ process; clients are httpx over real sockets. Models are tiny (8 channels, 8x8 i
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import socket
 import threading
 import time
@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
+from ci import IN_CI as IN_CI  # re-exported: the one CI switch (tests/ci.py)
+from ci import skip_or_fail as skip_or_fail
 
 from collafuse.config import FederationConfig, ModelConfig
 from collafuse.schedule import make_schedule
@@ -26,7 +28,6 @@ from collafuse.store import FileStore, Store, StoreUnavailable
 from collafuse.training import make_disclosure
 from collafuse.wire import encode_tensors
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TINY = ModelConfig(base_channels=8, channel_mults=(1, 2))
 ADMIN = "admin-token-for-tests"
 TOKENS = {"site-a": "token-of-site-a", "site-b": "token-of-site-b", "site-c": "token-of-site-c"}
@@ -74,6 +75,29 @@ def disclosure(
     tensors = make_disclosure(fed, schedule, x0, torch.Generator().manual_seed(seed + 100))
     base = {"site": site, "T": str(fed.T), "t_cut": str(fed.t_cut)}
     return encode_tensors(tensors, metadata={**base, **(meta or {})})
+
+
+def declare_all(store: Store, fed: FederationConfig, images: int = 1000) -> None:
+    """Record in ``store`` that every site discloses ``images`` per release, as the site
+    runner does with ``PUT /v1/sites/{site}/ledger`` before its first upload."""
+    ensure_bucket = getattr(store, "ensure_bucket", None)
+    if ensure_bucket is not None:  # an S3 store: the coordinator would make it at start
+        ensure_bucket()
+    for site in fed.sites:
+        store.put_json(f"ledger/{site}.json", {"site": site, "images": images})
+
+
+def coordinator_app(
+    fed: FederationConfig, store: Store, auth: Any, options: Any = None, images: int = 1000
+) -> Any:
+    """A coordinator for tests that upload small disclosures by hand: every site declared
+    (``images``) and no minimum upload size. Sites run by a SiteRunner declare themselves:
+    use ``create_coordinator_app`` there."""
+    from collafuse.services.coordinator.app import CoordinatorOptions, create_coordinator_app
+
+    declare_all(store, fed, images)
+    options = dataclasses.replace(options or CoordinatorOptions(), min_upload=1)
+    return create_coordinator_app(fed, store, auth, options)
 
 
 def config_headers(fed: FederationConfig, who: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from safetensors.torch import load
 
 from collafuse.services.client import ServiceClient
 from collafuse.services.coordinator.aggregate import encode_push, split_push
-from collafuse.services.coordinator.app import CoordinatorOptions, create_coordinator_app
+from collafuse.services.coordinator.app import CoordinatorOptions
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.server.trainer import TrainerLoop, TrainOptions
 from collafuse.store import current_checkpoint, read_manifest
@@ -26,6 +26,7 @@ from .servicekit import (
     FlakyStore,
     bearer,
     config_headers,
+    coordinator_app,
     disclosure,
     live,
     tiny_fed,
@@ -57,7 +58,7 @@ def _weights(body: bytes):
 
 
 def test_two_trainers_publish_the_mean_of_their_weights(fed, store, auth):
-    app = create_coordinator_app(fed, store, auth, CoordinatorOptions(replicas=2))
+    app = coordinator_app(fed, store, auth, CoordinatorOptions(replicas=2))
     with live(app) as coordinator:
         _upload_all(coordinator.url, fed)
         loops = [_loop(fed, store, coordinator.url, f"trainer-{i}", seed=i) for i in range(2)]
@@ -87,7 +88,7 @@ def test_two_trainers_publish_the_mean_of_their_weights(fed, store, auth):
 
 def test_a_round_closes_after_its_window_with_the_pushes_it_has(fed, store, auth):
     options = CoordinatorOptions(replicas=2, aggregation_window_s=0.3, tick_s=0.05)
-    with live(create_coordinator_app(fed, store, auth, options)) as coordinator:
+    with live(coordinator_app(fed, store, auth, options)) as coordinator:
         _upload_all(coordinator.url, fed)
         loop = _loop(fed, store, coordinator.url, "trainer-0", seed=0)
         loop.run()
@@ -167,7 +168,7 @@ def _bad_pushes(fed):
 
 @pytest.fixture
 def coordinator_client(fed, store, auth):
-    app = create_coordinator_app(fed, store, auth, CoordinatorOptions(replicas=2))
+    app = coordinator_app(fed, store, auth, CoordinatorOptions(replicas=2))
     with TestClient(app) as c:
         yield c
 
@@ -215,7 +216,7 @@ def test_replayed_push_is_a_duplicate_and_a_changed_one_a_conflict(coordinator_c
 
 def test_a_publish_that_fails_midway_leaves_the_manifest_intact(fed, auth, tmp_path):
     flaky = FlakyStore(tmp_path / "store")
-    app = create_coordinator_app(fed, flaky, auth, CoordinatorOptions(replicas=1, tick_s=3600))
+    app = coordinator_app(fed, flaky, auth, CoordinatorOptions(replicas=1, tick_s=3600))
     with TestClient(app) as client:
         h = config_headers(fed, "admin")
         body = _push_body(fed, seed=4)
@@ -231,7 +232,7 @@ def test_a_publish_that_fails_midway_leaves_the_manifest_intact(fed, auth, tmp_p
 
 
 def test_trainer_waits_for_every_site(fed, store, auth):
-    with live(create_coordinator_app(fed, store, auth)) as coordinator:
+    with live(coordinator_app(fed, store, auth)) as coordinator:
         with ServiceClient(coordinator.url, "token-of-site-a", fingerprint=fed.fingerprint()) as c:
             c.request("POST", "/v1/sites/site-a/disclosures", content=disclosure(fed, "site-a"))
         loop = _loop(fed, store, coordinator.url, "trainer-0", seed=0)

@@ -14,26 +14,29 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 from collafuse.config import FederationConfig
-from collafuse.schedule import make_schedule
 from collafuse.services.coordinator.app import CoordinatorOptions, create_coordinator_app
-from collafuse.services.coordinator.ingest import (
-    GUARD_RATIO,
-    DisclosureRejected,
-    check_noise,
-    noise_level,
-    parse_disclosure_key,
-)
-from collafuse.services.http import Auth
+from collafuse.services.coordinator.ingest import parse_disclosure_key
+from collafuse.services.http import Auth, hash_token
 from collafuse.store import FileStore, Store
 
-from .servicekit import ADMIN, FlakyStore, bearer, config_headers, disclosure, images, tiny_fed
+from .servicekit import (
+    TOKENS,
+    FlakyStore,
+    bearer,
+    config_headers,
+    coordinator_app,
+    disclosure,
+    images,
+    live,
+    tiny_fed,
+)
 
 URL = "/v1/sites/{}/disclosures"
 
 
 @pytest.fixture
 def client(fed: FederationConfig, store: FileStore, auth: Auth) -> Iterator[TestClient]:
-    app = create_coordinator_app(fed, store, auth, CoordinatorOptions(max_images=64))
+    app = coordinator_app(fed, store, auth, CoordinatorOptions(max_images=64))
     with TestClient(app) as c:
         yield c
 
@@ -145,7 +148,7 @@ def _bad_payloads(fed: FederationConfig) -> dict[str, tuple[bytes, int, str, str
             _tensor_payload({"x_tc": images(8)}, meta),
             422,
             "looks-unnoised",
-            "un-noised",
+            "not at all",
         ),
         "out-of-range": (_tensor_payload({"x_tc": x * 1e3}, meta), 422, "out-of-range", "beyond"),
         "wrong-cut": (
@@ -259,7 +262,7 @@ def test_healthz_readyz_metrics_docs(client):
 
 def test_store_down_gives_503_retry_after_and_nothing_half_written(tmp_path: Path, fed, auth):
     flaky = FlakyStore(tmp_path / "store")
-    app = create_coordinator_app(fed, flaky, auth)
+    app = coordinator_app(fed, flaky, auth)
     with TestClient(app) as client:
         body = disclosure(fed, "site-a")
         flaky.down = True
@@ -279,7 +282,7 @@ def test_a_failing_disk_under_the_file_store_is_503_not_500(
 ):
     """The real FileStore on a disk that fails (EIO at fsync): the dependency is down."""
     store = FileStore(tmp_path / "store")
-    app = create_coordinator_app(fed, store, auth)
+    app = coordinator_app(fed, store, auth)
     with TestClient(app) as client:
         body = disclosure(fed, "site-a")
 
@@ -314,43 +317,7 @@ def test_starts_while_the_store_is_down_and_recovers(tmp_path: Path, fed, auth):
 
 
 # ---------------------------------------------------------------------------------------------
-# The raw-data guard on real images
-
-
-def _fashion_mnist(n: int) -> torch.Tensor:
-    from collafuse.data import DataError, load_dataset
-
-    try:
-        return load_dataset(None).images[:n]
-    except DataError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
-
-
-@pytest.mark.parametrize("c", [0.05, 0.2, 0.5, 0.8, 0.9])
-def test_guard_refuses_raw_and_passes_real_disclosures(c):
-    x0 = _fashion_mnist(500)
-    for T in (20, 100):
-        fed = FederationConfig(T=T, client_fraction=c)
-        schedule = make_schedule(fed.schedule, fed.T)
-        expected = math.sqrt(1 - schedule.abar(fed.t_cut))
-        x_tc = math.sqrt(schedule.abar(fed.t_cut)) * x0 + expected * torch.randn(
-            x0.shape, generator=torch.Generator().manual_seed(T)
-        )
-        check_noise(fed, schedule, x_tc)  # real disclosures pass
-        assert float(noise_level(x_tc).min()) > 0.8 * expected
-        with pytest.raises(DisclosureRejected, match="un-noised") as refused:
-            check_noise(fed, schedule, x0)
-        assert refused.value.reason == "looks-unnoised"
-        # a single raw image slipped into an otherwise noised batch is caught too
-        mixed = torch.cat([x_tc[:100], x0[:1]])
-        with pytest.raises(ValueError, match="1 of 101"):
-            check_noise(fed, schedule, mixed)
-        # an upload noised for a much smaller cut is refused at large cuts
-        if c >= 0.5:
-            small = FederationConfig(T=T, client_fraction=0.05)
-            a = schedule.abar(small.t_cut)
-            weak = math.sqrt(a) * x0 + math.sqrt(1 - a) * torch.randn(x0.shape)
-            assert float(noise_level(weak).median()) < GUARD_RATIO * expected
+# The raw-data guard (on real images: tests/test_guard.py and test_disclosure_integrity.py)
 
 
 def test_guard_is_skipped_for_noise_revealed_and_centralized(auth, tmp_path):
@@ -359,13 +326,27 @@ def test_guard_is_skipped_for_noise_revealed_and_centralized(auth, tmp_path):
         tiny_fed(client_fraction=0, centralized=True),
     ):
         store = FileStore(tmp_path / fed.upload_mode / str(fed.t_cut))
-        with TestClient(create_coordinator_app(fed, store, auth)) as client:
+        with TestClient(coordinator_app(fed, store, auth)) as client:
             answer = upload(client, fed, "site-a", disclosure(fed, "site-a"))
             assert answer.status_code == 201, answer.text
 
 
-def test_admin_token_never_equals_a_site(auth):
-    assert ADMIN not in ("token-of-site-a",)
+def test_admin_token_equal_to_a_site_token_is_refused():
+    """A site whose token is the admin's would act as the admin: refused at start-up."""
+    with pytest.raises(ValueError, match="admin token is also site 'site-a'"):
+        Auth({"site-a": hash_token("same"), "site-b": hash_token("other")}, "same")
+    assert Auth({"site-a": hash_token("same")}, "different").sites == ["site-a"]
+
+
+def test_admin_and_sites_are_told_apart_over_http(fed, store, auth):
+    """Through real HTTP: a site token never reaches the admin routes, the admin's does."""
+    with live(coordinator_app(fed, store, auth)) as coordinator:
+        for site, token in TOKENS.items():
+            with coordinator.client() as c:
+                r = c.get("/v1/status", headers={"Authorization": f"Bearer {token}"})
+                assert r.status_code == 403 and r.json()["reason"] == "forbidden", site
+        with coordinator.client("admin") as c:
+            assert c.get("/v1/status").status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -23,19 +24,34 @@ from collafuse.wire import decode_tensors
 from .servicekit import ADMIN, TOKENS, images, live, wait_for
 
 
+def _hold_first_batch(batcher, sites: int, per_request: int) -> None:
+    """Hold the first forward pass until every site's first request is in it or queued, so
+    several sites share a batch by construction, not by landing in one time window."""
+    inner, first = batcher.run, [True]
+
+    def gated(ids, steps):
+        if first[0]:
+            first[0] = False
+            deadline = time.monotonic() + 60
+            while len(ids) // per_request + batcher.queued < sites:
+                assert time.monotonic() < deadline, "the sites' first requests never came"
+                time.sleep(0.01)
+        return inner(ids, steps)
+
+    batcher.run = gated
+
+
 def test_federation_end_to_end_over_http(fed, store, auth, tmp_path: Path):
     fp = fed.fingerprint()
     with contextlib.ExitStack() as stack:
         coordinator = stack.enter_context(
             live(create_coordinator_app(fed, store, auth, CoordinatorOptions(tick_s=0.1)))
         )
-        server = stack.enter_context(
-            live(
-                create_server_app(
-                    fed, store, auth, ServeOptions(poll_s=0.1, max_wait_ms=200, seed=0)
-                )
-            )
+        server_app = create_server_app(
+            fed, store, auth, ServeOptions(poll_s=0.1, max_wait_ms=200, seed=0)
         )
+        _hold_first_batch(server_app.state.batcher, sites=len(fed.sites), per_request=4)
+        server = stack.enter_context(live(server_app))
         trainer_client = ServiceClient(coordinator.url, ADMIN, fingerprint=fp)
         trainer_app = create_trainer_app(
             fed,
@@ -136,6 +152,6 @@ def test_federation_end_to_end_over_http(fed, store, auth, tmp_path: Path):
         assert float(batches.split()[-1]) < 6  # 6 requests of 4, several sites per batch
         # nothing private reached the shared store: only disclosures and server state
         tops = {key.split("/")[0] for key in store.list()}
-        assert tops <= {"disclosures", "checkpoints", "aggregation", "trainers"}
+        assert tops <= {"disclosures", "ledger", "checkpoints", "aggregation", "trainers"}
         with trainer.client() as t:
             assert 'collafuse_train_steps_total{role="server"} 20.0' in t.get("/metrics").text

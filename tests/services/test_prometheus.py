@@ -1,5 +1,5 @@
 """Debian's Prometheus scrapes the running services on loopback; their series are queried back
-through its HTTP API. A missing binary skips locally and fails under CI=true."""
+through its HTTP API. A missing binary skips locally and fails under CI (tests/ci.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
-from collafuse.services.coordinator.app import create_coordinator_app
 from collafuse.services.server.app import create_server_app
 
-from .servicekit import IN_CI, config_headers, disclosure, free_port, live
+from .servicekit import config_headers, coordinator_app, disclosure, free_port, live, skip_or_fail
 
 PROMETHEUS = os.environ.get("PROMETHEUS", "/usr/bin/prometheus")
 
@@ -26,9 +24,7 @@ def _binary() -> str:
     found = PROMETHEUS if Path(PROMETHEUS).is_file() else shutil.which("prometheus")
     if not found:
         message = f"prometheus not found at {PROMETHEUS} (apt-get install prometheus)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     return found
 
 
@@ -43,7 +39,7 @@ def _query(api: str, promql: str) -> list[dict]:
 def test_prometheus_scrapes_every_service(fed, store, auth, tmp_path):
     binary = _binary()
     with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(live(create_coordinator_app(fed, store, auth)))
+        coordinator = stack.enter_context(live(coordinator_app(fed, store, auth)))
         server = stack.enter_context(live(create_server_app(fed, store, auth)))
         with coordinator.client() as c:
             r = c.post(

@@ -9,10 +9,9 @@ import uuid
 
 import pytest
 
-from collafuse.services.coordinator.app import create_coordinator_app
 from collafuse.store import S3Store, current_checkpoint, store_from_env
 
-from .servicekit import IN_CI, config_headers, disclosure, live
+from .servicekit import config_headers, coordinator_app, disclosure, live, skip_or_fail
 
 
 @pytest.fixture
@@ -20,9 +19,7 @@ def moto_endpoint():
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
-        if IN_CI:
-            pytest.fail(f"moto[server] is not installed: {exc}")
-        pytest.skip(f"moto[server] is not installed: {exc}")
+        skip_or_fail(f"moto[server] is not installed: {exc}")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -44,7 +41,7 @@ def test_coordinator_on_s3(moto_endpoint, fed, auth):
         }
     )
     assert isinstance(store, S3Store)
-    with live(create_coordinator_app(fed, store, auth)) as coordinator, coordinator.client() as c:
+    with live(coordinator_app(fed, store, auth)) as coordinator, coordinator.client() as c:
         assert c.get("/readyz").status_code == 200  # bucket made, v0 published
         body = disclosure(fed, "site-a")
         r = c.post(

@@ -40,26 +40,41 @@ def published(fed, store):
 
 
 def test_batches_concurrent_requests_of_many_sites(fed, published, auth):
-    app = create_server_app(fed, published, auth, ServeOptions(max_wait_ms=300, seed=0))
+    # By construction, not by timing: the first request's forward pass is held until the seven
+    # others are all queued; the batcher then takes them as ONE batch (max_wait 0: it takes
+    # what is queued, waits for nothing).
+    app = create_server_app(fed, published, auth, ServeOptions(max_wait_ms=0, seed=0))
+    sites = ["site-a", "site-b", "site-c", "site-a", "site-b", "site-c", "site-a", "site-b"]
     seen: list[list[int]] = []
+    held, release = threading.Event(), threading.Event()
     with live(app) as server:
         batcher = app.state.batcher
         run = batcher.run
 
         def spy(ids: torch.Tensor, steps: int | None) -> torch.Tensor:
             seen.append(ids.tolist())
+            if len(seen) == 1:  # the batcher's thread; its event loop keeps queueing requests
+                held.set()
+                release.wait(60)
             return run(ids, steps)
 
         batcher.run = spy
-        sites = ["site-a", "site-b", "site-c", "site-a", "site-b", "site-c", "site-a", "site-b"]
-        with server.client() as c, ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda s: _sample(c, fed, s, 3), sites))
+        with server.client() as c, ThreadPoolExecutor(len(sites)) as pool:
+            try:
+                first = pool.submit(_sample, c, fed, sites[0], 3)
+                assert held.wait(60), "the first request never reached the network"
+                rest = [pool.submit(_sample, c, fed, s, 3) for s in sites[1:]]
+                wait_for(lambda: batcher.queued == len(rest), what="the other requests queued")
+            finally:
+                release.set()
+            answers = [first.result(), *(f.result() for f in rest)]
         for answer in answers:
             x = _handoffs(answer, fed, 3)
             assert x.abs().max() > 0 and torch.isfinite(x).all()
-        assert sum(len(ids) for ids in seen) == 24
-        assert len(seen) < len(sites)  # several sites shared forward passes
-        assert any(len(set(ids)) > 1 for ids in seen)  # ... conditioned per sample
+        index = {s: fed.site_index(s) for s in set(sites)}
+        assert seen[0] == [index[sites[0]]] * 3
+        assert len(seen) == 2  # the seven other requests of three sites shared one pass ...
+        assert sorted(seen[1]) == sorted(index[s] for s in sites[1:] for _ in range(3))
         metrics = server.client().get("/metrics").text
     assert 'collafuse_samples_total{site="site-a"} 9.0' in metrics
     assert 'collafuse_sample_requests_total{site="site-c"} 2.0' in metrics

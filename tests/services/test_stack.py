@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .servicekit import wait_for
+from .servicekit import skip_or_fail, wait_for
 
 TINY_RUN = {
     "federation": {
@@ -43,7 +43,7 @@ def fashion_mnist() -> None:
     try:
         load_dataset(None, split="test")
     except DataError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
+        skip_or_fail(f"Fashion-MNIST not installed: {exc}")
 
 
 def _config(tmp_path: Path, **overrides: object) -> Path:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from collafuse.services.client import ServiceClient
-from collafuse.services.coordinator.app import CoordinatorOptions, create_coordinator_app
+from collafuse.services.coordinator.app import CoordinatorOptions
 from collafuse.store import read_manifest
 
-from .servicekit import ADMIN, TOKENS, disclosure, free_port, live, wait_for
+from .servicekit import ADMIN, TOKENS, coordinator_app, disclosure, free_port, live, wait_for
 
 STEPS, PER_ROUND = 150, 10
 
@@ -52,7 +52,7 @@ def _start_trainer(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 def test_trainer_killed_midrun_resumes_and_loses_no_disclosure(fed, store, auth, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"federation": fed.to_json_dict(), "batch_size": 8}))
-    app = create_coordinator_app(fed, store, auth, CoordinatorOptions(tick_s=0.1))
+    app = coordinator_app(fed, store, auth, CoordinatorOptions(tick_s=0.1))
     with live(app) as coordinator:
         for k, site in enumerate(fed.sites):
             with ServiceClient(coordinator.url, TOKENS[site], fingerprint=fed.fingerprint()) as c:

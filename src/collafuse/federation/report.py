@@ -75,19 +75,30 @@ def privacy_section(
     server: ServerOutcome,
     public: Tensor | None,
     extractor: FeatureExtractor,
+    disclosures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Formal accounting plus the empirical attacks of METHOD.md §5, pooled over sites."""
+    """Formal accounting plus the empirical attacks of METHOD.md §5, pooled over sites.
+
+    ``disclosures`` is the disclosure ledger (per site: ``declared``, ``images``,
+    ``images_by_release``, ``releases``); the accountant counts the most releases any site
+    made (at least one), so the epsilon is that of what was disclosed."""
     exact_view = fed.upload_mode != "noise-revealed"
     abar_tc = schedule.abar(fed.t_cut) if exact_view else 1.0
     t_cut = fed.t_cut if exact_view else 0
+    releases = (
+        max([1, *(int(e["releases"]) for e in disclosures.values())])
+        if disclosures
+        else fed.releases
+    )
     acc = account_cut(
-        schedule, t_cut, fed.pixels, fed.releases, labels_shared=fed.share_labels
+        schedule, t_cut, fed.pixels, releases, labels_shared=fed.share_labels
     ).to_dict()
     section: dict[str, Any] = {
         **acc,
         "upload_mode": fed.upload_mode,
         "disclosed_images": sum(len(s.disclosed) for s in sites if s.disclosed is not None),
         "labels_shared": fed.share_labels,
+        "ledger": disclosures,
     }
     if fed.upload_mode == "noise-revealed":
         section["note"] = (
@@ -245,8 +256,10 @@ def build_report(
     grid: list[int] | None,
     wall_seconds: float,
     extractor: FeatureExtractor | None = None,
+    disclosures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The run's report (see README, "report.json")."""
+    """The run's report (see README, "report.json"); ``disclosures`` is the disclosure
+    ledger (see :func:`privacy_section`)."""
     extractor = extractor or FeatureExtractor()
     site_rows = []
     for s in sites:
@@ -284,7 +297,9 @@ def build_report(
         },
         "sites": site_rows,
         "pooled": {"quality": _quality(real, fake, extractor, fed.seed)},
-        "privacy": privacy_section(fed, run, schedule, sites, server, public, extractor),
+        "privacy": privacy_section(
+            fed, run, schedule, sites, server, public, extractor, disclosures
+        ),
         "cost": {
             "site_nfe_per_sample": n_site_steps,
             "server_nfe_per_sample": n_server_steps,

@@ -17,6 +17,7 @@ from torch import Tensor
 from collafuse.config import FederationConfig, RunConfig
 from collafuse.data import Dataset
 from collafuse.federation.messages import Disclosure, HandOff, SampleRequest
+from collafuse.privacy.guard import check_upload
 from collafuse.schedule import Schedule
 from collafuse.training import (
     Trainer,
@@ -89,7 +90,7 @@ class Site:
             self.fed, self.schedule, self.train_data.images, secret_generator()
         )
         if self.fed.share_labels:
-            tensors["labels"] = self.train_data.labels
+            tensors["y"] = self.train_data.labels  # the services' tensor name
         message = Disclosure.build(self.site_id, tensors, self.fed.fingerprint())
         atomic_write(self.disclosure_path, message.payload)
         return message
@@ -137,6 +138,7 @@ class Server:
     state_dir: Path
     trainer: Trainer = field(init=False)
     received: dict[str, Disclosure] = field(default_factory=dict)  # content hash -> message
+    disclosed_images: dict[str, int] = field(default_factory=dict)  # the ledger: site -> images
     compute_seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "sample": 0.0})
     nfe: int = 0
 
@@ -145,17 +147,21 @@ class Server:
         self.trainer = Trainer(build_server_model(self.fed), self.run.lr, self.run.ema_decay)
 
     def ingest(self, message: Disclosure, n_images: int) -> bool:
-        """Validate and keep a disclosure; returns False for a replay of the same bytes."""
+        """Validate and keep a disclosure of the ``n_images`` the site declared, through the
+        coordinator's raw-data guard; returns False for a replay of the same bytes."""
         self.fed.site_index(message.site)  # unknown site -> KeyError
         if message.key in self.received:
             return False
         spec = TensorSpec((n_images, *self.fed.image_shape))
         expect = {"x_tc": spec} if self.fed.upload_mode != "noise-revealed" else None
         if expect is not None and self.fed.share_labels:
-            expect["labels"] = TensorSpec((n_images,), ("int64",))
+            expect["y"] = TensorSpec((n_images,), ("int64",))
         limit = max_payload_bytes(n_images, self.fed.image_shape, bytes_per_value=12)
-        decode_tensors(message.payload, max_bytes=limit, expect=expect)
+        tensors, _ = decode_tensors(message.payload, max_bytes=limit, expect=expect)
+        if self.fed.t_cut > 0 and self.fed.upload_mode != "noise-revealed":
+            check_upload(tensors["x_tc"], self.schedule.abar(self.fed.t_cut), what=message.site)
         self.received[message.key] = message
+        self.disclosed_images[message.site] = n_images
         return True
 
     def training_set(self) -> tuple[Tensor, Tensor]:

@@ -159,6 +159,10 @@ def simulate(
         ledger=ledger.to_dict(),
         grid=grid,
         wall_seconds=time.perf_counter() - started,
+        disclosures={
+            site: {"declared": n, "images": n, "images_by_release": {"0": n}, "releases": 1}
+            for site, n in server.disclosed_images.items()
+        },
     )
     losses = {f"site {k}": v for k, v in site_losses.items()} | {"server": server_losses}
     write_report(out, report, outcomes, losses)
