@@ -1,4 +1,4 @@
-"""The invariants of METHOD.md §4, through the production sampling functions.
+"""The invariants of docs/method.md §4, through the production sampling functions.
 
 Data are Gaussian, ``x0 ~ N(mu, s^2 I)``, so the optimal noise predictor of each side is known
 in closed form; with the same noise draws the split chain must reproduce the unsplit one.
@@ -146,11 +146,11 @@ def test_renoise_ablation_departs_from_unsplit(start: str) -> None:
         renoise_start=start,  # type: ignore[arg-type]
     )
     assert renoise_start_step(t_cut, T, c) == 75
-    assert abs(ref.mean().item() - 0.301) < 0.005  # METHOD.md's unsplit value
+    assert abs(ref.mean().item() - 0.301) < 0.005  # docs/method.md's unsplit value
     # Exact split: 1e-14 per sample. The ablation departs on the same draws.
     assert (out - ref).abs().mean().item() > 0.01
     if start == "cut":
-        # METHOD.md's example: the mean moves from 0.301 to about 0.283 (measured: 0.282),
+        # docs/method.md's example: the mean moves from 0.301 to about 0.283 (measured: 0.282),
         # when the site resumes at t_cut. With the journal's later start (75) it lands back
         # near 0.300 on these draws: the departure is per sample, not in the mean.
         assert abs(out.mean().item() - 0.283) < 0.005

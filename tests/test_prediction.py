@@ -1,6 +1,6 @@
 """The network's parameterization (``prediction``: eps or v) and why v is the default.
 
-Sampling always runs in eps form (METHOD.md §4); ``v`` only changes the network's target. The
+Sampling always runs in eps form (docs/method.md §4); ``v`` only changes the network's target. The
 split invariant must hold for v-parameterized predictors too, and v must remove the first
 server step's 1/sqrt(alpha_T) = 31.6x amplification of the network's error.
 """

@@ -1,4 +1,4 @@
-"""Privacy accounting and empirical attacks (METHOD.md §5)."""
+"""Privacy accounting and empirical attacks (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _rectangles(n: int, size: int, seed: int) -> Tensor:
 # Accountant
 # ---------------------------------------------------------------------------------------------
 
-# METHOD.md §5 table (cosine, T = 1000, delta = 1e-5, one release, per-pixel Delta = 2).
+# docs/method.md §5 table (cosine, T = 1000, delta = 1e-5, one release, per-pixel Delta = 2).
 # The table prints 43.2 at c = 0.2, but the stated formula gives 42.40 there (the exact root,
 # confirmed independently with 50-digit mpmath: delta(42.3995) = 1.0000e-5 and
 # delta(43.2) = 5.45e-6 for mu = 5.9573); 43.2 would need abar_tc = 0.9011, i.e. t_c = 197.
@@ -294,7 +294,7 @@ def _fmnist(n: int) -> Tensor:
 
 @requires(FMNIST_TEST.exists(), f"Fashion-MNIST idx files not installed ({FMNIST_TEST})")
 def test_reidentification_fashion_mnist_reference() -> None:
-    """METHOD.md §5: pool 1000, cosine T = 1000: ~1.0 at c = 0.5, ~0.6 at 0.8, ~0.1 at 0.9."""
+    """docs/method.md §5: pool 1000, cosine T = 1000: ~1.0 at c = 0.5, ~0.6 at 0.8, ~0.1 at 0.9."""
     images = _fmnist(4000)
     probes, distractors = images[:1000], images[1000:]
     schedule = make_schedule("cosine", 1000)

@@ -1,4 +1,4 @@
-"""Schedules and the cut (METHOD.md §2)."""
+"""Schedules and the cut (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_cosine_abar_is_the_product_of_clipped_betas(T: int, abar_T: float) -> N
     s = make_schedule("cosine", T)
     assert s.betas[T].item() == pytest.approx(0.999)  # the last beta is clipped
     assert s.abar(T) == pytest.approx(s.abar(T - 1) * (1 - 0.999))
-    assert s.abar(T) == pytest.approx(abar_T, rel=1e-3)  # METHOD.md: about 2e-7 at T = 100
+    assert s.abar(T) == pytest.approx(abar_T, rel=1e-3)  # docs/method.md: about 2e-7 at T = 100
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from collafuse.diffusion import Prediction, UploadMode
 from collafuse.schedule import ScheduleKind, check_t_cut, cut_step
 from collafuse.unet import UNetSpec
 
-DEFAULT_CLIENT_FRACTION = 0.9  # privacy worth the name starts here (METHOD.md §5)
+DEFAULT_CLIENT_FRACTION = 0.9  # privacy worth the name starts here (docs/method.md §5)
 
 
 class ModelConfig(BaseModel):

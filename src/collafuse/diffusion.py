@@ -1,4 +1,5 @@
-"""The split diffusion math: forward process, losses and both halves of sampling (METHOD.md §3-4).
+"""The split diffusion math: forward process, losses and both halves of sampling
+(docs/method.md §3-4).
 
 Everything here is a pure function of a frozen :class:`~collafuse.schedule.Schedule`; the network
 is an argument (``eps_model(x_t, t) -> eps`` with ``x_t: [N, C, H, W]`` and global ``t: [N]``

@@ -1,4 +1,4 @@
-"""Noise schedules and the cut, in float64 (METHOD.md §2).
+"""Noise schedules and the cut, in float64 (docs/method.md §2).
 
 Timesteps are global and 1-based: ``t = 1..T``. Every array is indexed by ``t`` and has
 length ``T + 1``, with ``alphas_cumprod[0] = 1`` (clean data) and ``betas[0] = 0``.

@@ -77,7 +77,7 @@ def privacy_section(
     extractor: FeatureExtractor,
     disclosures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Formal accounting plus the empirical attacks of METHOD.md §5, pooled over sites.
+    """Formal accounting plus the empirical attacks of docs/method.md §5, pooled over sites.
 
     ``disclosures`` is the disclosure ledger (per site: ``declared``, ``images``,
     ``images_by_release``, ``releases``); the accountant counts the most releases any site

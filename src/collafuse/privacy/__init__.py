@@ -1,4 +1,4 @@
-"""What the server learns from the disclosures, formally and by attack (METHOD.md §5).
+"""What the server learns from the disclosures, formally and by attack (docs/method.md §5).
 
 - :mod:`collafuse.privacy.accountant`: the upload ``x_tc`` as a Gaussian mechanism, accounted
   exactly with Gaussian differential privacy (whole-image and per-pixel epsilon).

@@ -1,4 +1,4 @@
-"""The formal guarantee of a disclosure: exact Gaussian DP (METHOD.md §5).
+"""The formal guarantee of a disclosure: exact Gaussian DP (docs/method.md §5).
 
 A site uploads ``x_tc = sqrt(abar_tc) x0 + sqrt(1 - abar_tc) eps``. Divided by ``sqrt(abar_tc)``
 this is ``x0 + sigma * eps`` with ``sigma = sqrt((1 - abar_tc) / abar_tc)``: a Gaussian mechanism

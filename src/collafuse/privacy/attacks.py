@@ -1,4 +1,4 @@
-"""Empirical attacks by an honest-but-curious server (METHOD.md §5).
+"""Empirical attacks by an honest-but-curious server (docs/method.md §5).
 
 Each attack is defined precisely enough that two people compute the same number from the same
 tensors and seed. Images are float ``[N, C, H, W]`` in [-1, 1]; an upload is
