@@ -134,6 +134,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(str(exc)) from None
     finally:
         args.threads = saved
+    if run.sampler != "ddpm":
+        raise ValueError(
+            f"sampler {run.sampler!r}: the services sample with ddpm for now; use "
+            "`collafuse simulate` for the few-step solvers"
+        )
     return run.model_copy(update={"torch_threads": saved})
 
 

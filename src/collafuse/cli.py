@@ -79,12 +79,33 @@ def _add_simulate(sub: Any) -> None:
         metavar=("SERVER", "SITE"),
         help="respaced sampling: steps on each side of the cut",
     )
+    add_sampler_flags(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_simulate)
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """``--sampler``, ``--spacing``, ``--eta`` and ``--handoff`` (docs/samplers.md)."""
+    from collafuse.config import SAMPLER_NAMES
+    from collafuse.solvers import HANDOFFS, SPACINGS
+
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        help="ddpm (ancestral, default) or a few-step solver; with --sample-steps",
+    )
+    p.add_argument("--spacing", choices=SPACINGS, help="a solver's timesteps (default uniform)")
+    p.add_argument("--eta", type=float, help="ddim's noise scale, 0 (default) to 1")
+    p.add_argument(
+        "--handoff",
+        choices=HANDOFFS,
+        help="multistep solvers at the cut: continue the server's history (default, exact) or "
+        "restart at first order",
+    )
 
 
 def build_run_config(args: argparse.Namespace) -> Any:
@@ -133,6 +154,9 @@ def build_run_config(args: argparse.Namespace) -> Any:
     }
     if args.sample_steps:
         flag_run["server_sample_steps"], flag_run["site_sample_steps"] = args.sample_steps
+    for flag, key in (("sampler", "sampler"), ("spacing", "spacing"), ("eta", "sampler_eta")):
+        flag_run[key] = getattr(args, flag, None)
+    flag_run["handoff"] = getattr(args, "handoff", None)
     run.update({k: v for k, v in flag_run.items() if v is not None})
     run["federation"] = fed
     try:

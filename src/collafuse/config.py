@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from collafuse.diffusion import Prediction, UploadMode
 from collafuse.schedule import ScheduleKind, check_t_cut, cut_step
+from collafuse.solvers import SAMPLERS, Handoff, Sampler, Spacing
 from collafuse.unet import UNetSpec
+
+SamplerName = Literal["ddpm"] | Sampler
+"""How a run samples: ancestral DDPM (:mod:`collafuse.diffusion`) or a few-step solver
+(:mod:`collafuse.solvers`, docs/samplers.md)."""
+SAMPLER_NAMES: tuple[str, ...] = ("ddpm", *SAMPLERS)
 
 DEFAULT_CLIENT_FRACTION = 0.9  # privacy worth the name starts here (docs/method.md §5)
 
@@ -174,13 +180,31 @@ class RunConfig(BaseModel):
     ema_decay: float = Field(0.995, ge=0, lt=1)
     samples_per_site: int = Field(200, ge=1)
     sample_batch_size: int = Field(200, ge=1)
-    server_sample_steps: int | None = None  # respaced sampling; None = every step
-    site_sample_steps: int | None = None
+    server_sample_steps: int | None = Field(None, ge=1)  # None = every step
+    site_sample_steps: int | None = Field(None, ge=1)
+    sampler: SamplerName = "ddpm"
+    spacing: Spacing = "uniform"  # of each side's few steps (docs/samplers.md)
+    sampler_eta: float = Field(0.0, ge=0, le=1)  # ddim only: 0 deterministic, 1 DDPM-like
+    handoff: Handoff = "handoff"  # multistep solvers: continue the server's history or restart
     clip_x0: bool = True
     reid_pool: int = Field(1000, ge=2)
     attack_steps: int = Field(400, ge=0)
     torch_threads: int = Field(2, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> RunConfig:
+        fed = self.federation
+        if self.sampler != "ddpm" and fed.upload_mode != "exact":
+            raise ValueError(
+                f"sampler {self.sampler!r} needs upload_mode 'exact' (the ablations sample with "
+                f"ddpm), got {fed.upload_mode!r}"
+            )
+        if self.sampler_eta and self.sampler != "ddim":
+            raise ValueError(f"sampler_eta is for ddim only, not {self.sampler!r}")
+        if self.sampler == "ddpm" and self.spacing != "uniform":
+            raise ValueError("ddpm respaces uniformly; spacing 'logsnr' is for the solvers")
+        return self
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

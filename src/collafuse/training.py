@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from collafuse.config import FederationConfig, ModelConfig
+from collafuse.config import FederationConfig, ModelConfig, RunConfig, SamplerName
 from collafuse.diffusion import (
     EpsModel,
     as_eps_model,
@@ -36,6 +36,13 @@ from collafuse.diffusion import (
     site_sample,
 )
 from collafuse.schedule import Schedule
+from collafuse.solvers import (
+    Handoff,
+    SolverState,
+    solver_grid,
+    solver_server_half,
+    solver_site_half,
+)
 from collafuse.unet import UNet
 
 
@@ -249,6 +256,34 @@ def sampling_grid(
     return make_grid(fed.T, fed.t_cut, server_steps, site_steps)
 
 
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How a run samples: the grid (None: every step) and the sampler with its options
+    (``"ddpm"``: ancestral steps; else a few-step solver of :mod:`collafuse.solvers`)."""
+
+    grid: list[int] | None = None
+    sampler: SamplerName = "ddpm"
+    eta: float = 0.0
+    handoff: Handoff = "handoff"
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether the hand-off carries the server's last data prediction (multistep)."""
+        return self.sampler.startswith("dpmpp") and self.handoff == "handoff"
+
+
+def sampling_plan(run: RunConfig, schedule: Schedule) -> SamplingPlan:
+    """The run's sampling plan: ddpm on a uniform respaced grid, or a solver on its spacing."""
+    fed = run.federation
+    if run.sampler == "ddpm":
+        grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
+    else:
+        grid = solver_grid(
+            schedule, fed.t_cut, run.server_sample_steps, run.site_sample_steps, run.spacing
+        )
+    return SamplingPlan(grid, run.sampler, run.sampler_eta, run.handoff)
+
+
 def steps_per_sample(fed: FederationConfig, grid: Sequence[int] | None) -> tuple[int, int]:
     """Network evaluations per generated image: ``(server, site)``.
 
@@ -274,17 +309,46 @@ def server_handoffs(
 ) -> Tensor:
     """The server's half for a batch: ``x_T`` to hand-offs ``x_tc [N, C, H, W]``, sample ``i``
     conditioned on ``site_ids[i]`` (requests of several sites share every forward pass)."""
+    plan = SamplingPlan(list(grid) if grid is not None else None)
+    return server_half(model, fed, schedule, site_ids, generator, plan)[0]
+
+
+@torch.no_grad()
+def server_half(
+    model: torch.nn.Module,
+    fed: FederationConfig,
+    schedule: Schedule,
+    site_ids: Tensor,
+    generator: torch.Generator,
+    plan: SamplingPlan,
+) -> tuple[Tensor, SolverState | None]:
+    """:func:`server_handoffs` with any sampler: ``x_tc`` and, for a multistep solver, the
+    state the site continues from (None for ddpm and ddim)."""
     x_T = sample_prior((len(site_ids), *fed.image_shape), generator)
     y = site_ids if fed.server_conditioning == "site" else None
-    return server_sample(
-        server_eps_model(model, fed, schedule, y),
+    eps_model = server_eps_model(model, fed, schedule, y)
+    if plan.sampler == "ddpm":
+        x_tc = server_sample(
+            eps_model,
+            schedule,
+            fed.t_cut,
+            x_T,
+            generator,
+            grid=plan.grid,
+            upload_mode=fed.upload_mode,
+        )
+        return x_tc, None
+    x_tc, state = solver_server_half(
+        eps_model,
         schedule,
         fed.t_cut,
         x_T,
-        generator,
-        grid=grid,
-        upload_mode=fed.upload_mode,
+        sampler=plan.sampler,
+        grid=plan.grid,
+        eta=plan.eta,
+        generator=generator,
     )
+    return x_tc, state if plan.carries_state else None
 
 
 @torch.no_grad()
@@ -298,20 +362,42 @@ def site_finish(
     labels: Tensor | None = None,
     grid: Sequence[int] | None = None,
     clip_x0: bool = True,
+    plan: SamplingPlan | None = None,
+    state: SolverState | None = None,
 ) -> Tensor:
-    """The site's half: hand-offs ``x_tc [N, C, H, W]`` to images ``x0``, clamped to [-1, 1]."""
+    """The site's half: hand-offs ``x_tc [N, C, H, W]`` to images ``x0``, clamped to [-1, 1].
+
+    ``plan`` (default: ddpm on ``grid``) picks the sampler; a multistep solver continues from
+    the server's ``state`` when the plan hands it over. The solvers do not clip ``x0_hat``
+    (``clip_x0`` is ddpm's); their output is clamped like every sample."""
+    plan = plan or SamplingPlan(list(grid) if grid is not None else None)
     y = labels if fed.site_labels else None
-    x0 = site_sample(
-        site_eps_model(model, fed, schedule, y),
-        schedule,
-        fed.t_cut,
-        x_tc,
-        generator,
-        grid=grid,
-        clip_x0=clip_x0,
-        upload_mode=fed.upload_mode,
-        client_fraction=fed.client_fraction,
-    )
+    eps_model = site_eps_model(model, fed, schedule, y)
+    if plan.sampler == "ddpm":
+        x0 = site_sample(
+            eps_model,
+            schedule,
+            fed.t_cut,
+            x_tc,
+            generator,
+            grid=plan.grid,
+            clip_x0=clip_x0,
+            upload_mode=fed.upload_mode,
+            client_fraction=fed.client_fraction,
+        )
+    else:
+        x0 = solver_site_half(
+            eps_model,
+            schedule,
+            fed.t_cut,
+            x_tc,
+            sampler=plan.sampler,
+            grid=plan.grid,
+            state=state,
+            handoff=plan.handoff if plan.carries_state or plan.sampler == "ddim" else "restart",
+            eta=plan.eta,
+            generator=generator,
+        )
     return x0.clamp(-1, 1)
 
 

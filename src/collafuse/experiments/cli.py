@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collafuse.cli import UsageError
+from collafuse.cli import UsageError, add_sampler_flags
 
 # Flags of ``collafuse simulate`` that build_run_config reads; the sweep sets the cut itself.
 _RUN_FLAGS = [
@@ -34,6 +34,10 @@ _RUN_FLAGS = [
     "server_steps",
     "steps",
     "sample_steps",
+    "sampler",
+    "spacing",
+    "eta",
+    "handoff",
     "config",
 ]
 
@@ -90,6 +94,10 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--sample-steps", type=int, nargs=2, metavar=("SERVER", "SITE"), help="sampling steps"
+    )
+    add_sampler_flags(p)
     p.add_argument("--reid-pool", type=int, help="re-identification candidate pool size")
     p.add_argument("--attack-steps", type=int, help="steps of the attacker's public denoiser")
     p.add_argument("--max-hours", type=float, help="stop cleanly between points after this")

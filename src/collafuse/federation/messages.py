@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from collafuse.solvers import SolverState
 from collafuse.wire import MAX_BODY_BYTES, content_hash, decode_tensors, encode_tensors
 
 
@@ -48,17 +49,33 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class HandOff:
-    """The server's answer: ``x_tc`` for each requested sample (a noisy image)."""
+    """The server's answer: ``x_tc`` for each requested sample (a noisy image) and, for a
+    multistep solver that continues across the cut, its last data prediction ``x0_prev`` made
+    at step ``t_prev`` (server to site only: no privacy cost; docs/samplers.md)."""
 
     site: str
     payload: bytes
 
     @staticmethod
-    def build(site: str, x_tc: Tensor, fp16: bool = False) -> HandOff:
-        return HandOff(site, encode_tensors({"x_tc": x_tc.contiguous()}, {"site": site}, fp16))
+    def build(
+        site: str, x_tc: Tensor, fp16: bool = False, state: SolverState | None = None
+    ) -> HandOff:
+        tensors = {"x_tc": x_tc.contiguous()}
+        meta = {"site": site}
+        if state is not None:
+            tensors["x0_prev"] = state.x0_hat.contiguous()
+            meta["t_prev"] = str(state.t)
+        return HandOff(site, encode_tensors(tensors, meta, fp16))
 
     def x_tc(self, max_bytes: int = MAX_BODY_BYTES) -> Tensor:
         return decode_tensors(self.payload, max_bytes=max_bytes)[0]["x_tc"].to(torch.float32)
+
+    def state(self, max_bytes: int = MAX_BODY_BYTES) -> SolverState | None:
+        """The server's multistep state, if the hand-off carries one."""
+        tensors, meta = decode_tensors(self.payload, max_bytes=max_bytes)
+        if "x0_prev" not in tensors:
+            return None
+        return SolverState(tensors["x0_prev"].to(torch.float32), int(meta["t_prev"]))
 
 
 @dataclass

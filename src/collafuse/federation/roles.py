@@ -19,7 +19,9 @@ from collafuse.data import Dataset
 from collafuse.federation.messages import Disclosure, HandOff, SampleRequest
 from collafuse.privacy.guard import check_upload
 from collafuse.schedule import Schedule
+from collafuse.solvers import SolverState
 from collafuse.training import (
+    SamplingPlan,
     Trainer,
     atomic_write,
     build_server_model,
@@ -27,7 +29,7 @@ from collafuse.training import (
     checkpoint_meta,
     make_disclosure,
     model_to_bytes,
-    server_handoffs,
+    server_half,
     server_training_set,
     site_finish,
     train_server,
@@ -102,7 +104,7 @@ class Site:
         self,
         handoff: HandOff,
         generator: torch.Generator,
-        grid: list[int] | None,
+        plan: SamplingPlan,
         n_site_steps: int,
     ) -> Tensor:
         """Run the site's steps from the hand-offs to images; they stay at the site."""
@@ -114,8 +116,9 @@ class Site:
             self.schedule,
             x_tc,
             generator,
-            grid=grid,
             clip_x0=self.run.clip_x0,
+            plan=plan,
+            state=handoff.state(),
         )
         self.compute_seconds["sample"] += time.perf_counter() - start
         self.nfe += n_site_steps * len(x_tc)
@@ -196,7 +199,7 @@ class Server:
         self,
         requests: list[SampleRequest],
         generator: torch.Generator,
-        grid: list[int] | None,
+        plan: SamplingPlan,
         n_server_steps: int,
     ) -> list[HandOff]:
         """Answer several sites' requests in shared forward passes."""
@@ -204,11 +207,12 @@ class Server:
         ids = torch.cat(
             [torch.full((r.n,), self.fed.site_index(r.site), dtype=torch.long) for r in requests]
         )
-        x_tc = server_handoffs(self.trainer.ema, self.fed, self.schedule, ids, generator, grid=grid)
+        x_tc, state = server_half(self.trainer.ema, self.fed, self.schedule, ids, generator, plan)
         self.compute_seconds["sample"] += time.perf_counter() - start
         self.nfe += n_server_steps * len(ids)
         out, i = [], 0
         for r in requests:
-            out.append(HandOff.build(r.site, x_tc[i : i + r.n]))
+            part = None if state is None else SolverState(state.x0_hat[i : i + r.n], state.t)
+            out.append(HandOff.build(r.site, x_tc[i : i + r.n], state=part))
             i += r.n
         return out

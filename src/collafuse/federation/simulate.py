@@ -25,8 +25,9 @@ from collafuse.federation.report import ServerOutcome, SiteOutcome, build_report
 from collafuse.federation.roles import Server, Site
 from collafuse.schedule import make_schedule
 from collafuse.training import (
+    SamplingPlan,
     atomic_write,
-    sampling_grid,
+    sampling_plan,
     server_eps_model,
     server_training_set,
     steps_per_sample,
@@ -117,10 +118,11 @@ def simulate(
     else:
         server_losses = []
 
-    grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
+    plan = sampling_plan(run, schedule)
+    grid = plan.grid
     n_server, n_site = steps_per_sample(fed, grid)
     samples, handoffs = sample_all(
-        sites, server, run, ledger, shared, grid, n_server, n_site, collaborative
+        sites, server, run, ledger, shared, plan, n_server, n_site, collaborative
     )
 
     outcomes = [
@@ -194,7 +196,7 @@ def sample_all(
     run: RunConfig,
     ledger: ByteLedger,
     generator: torch.Generator,
-    grid: list[int] | None,
+    plan: SamplingPlan,
     n_server: int,
     n_site: int,
     collaborative: bool,
@@ -211,7 +213,7 @@ def sample_all(
         if collaborative:
             for r in requests:
                 ledger.up(r.site, "sample_request", r.encoded_size())
-            answers = server.serve(requests, generator, grid, n_server)
+            answers = server.serve(requests, generator, plan, n_server)
         else:  # local-only: each site draws its own x_T
             answers = [
                 HandOff.build(r.site, sample_prior((n, *fed.image_shape), generator))
@@ -221,7 +223,7 @@ def sample_all(
             if collaborative:
                 ledger.down(site.site_id, "handoff", len(answer.payload))
                 handoffs[site.site_id].append(answer.x_tc())
-            samples[site.site_id].append(site.finish(answer, generator, grid, n_site))
+            samples[site.site_id].append(site.finish(answer, generator, plan, n_site))
         remaining -= n
     return (
         {k: torch.cat(v) for k, v in samples.items()},
