@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from collafuse.cli import add_sampler_flags
 from collafuse.config import FederationConfig, RunConfig
 
 __all__ = ["add_service_commands", "main"]
@@ -515,6 +516,10 @@ def _site(args: argparse.Namespace) -> int:
         sample_request=args.sample_request,
         server_steps=args.server_steps or run.server_sample_steps,
         site_steps=args.site_steps or run.site_sample_steps,
+        sampler=args.sampler or run.sampler,
+        spacing=args.spacing or run.spacing,
+        eta=run.sampler_eta if args.eta is None else args.eta,
+        handoff=args.handoff or run.handoff,
         clip_x0=run.clip_x0,
         fp16=args.fp16,
         prefetch=not args.no_prefetch,
@@ -587,6 +592,7 @@ def _add_site(sub: Any) -> None:
     )
     p.add_argument("--server-steps", type=_positive_int, default=None)
     p.add_argument("--site-steps", type=_positive_int, default=None)
+    add_sampler_flags(p)  # defaults: the run config's
     p.add_argument("--fp16", action="store_true", help="float16 tensors on the wire")
     p.add_argument(
         "--no-prefetch",

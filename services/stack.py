@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 
+from collafuse.cli import add_sampler_flags
 from collafuse.config import FederationConfig, RunConfig
 
 __all__ = [
@@ -96,6 +97,7 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-site", type=int)
     p.add_argument("--samples-per-site", type=int)
     p.add_argument("--sample-steps", type=int, nargs=2, metavar=("SERVER", "SITE"))
+    add_sampler_flags(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument(
         "--threads",
@@ -134,11 +136,6 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(str(exc)) from None
     finally:
         args.threads = saved
-    if run.sampler != "ddpm":
-        raise ValueError(
-            f"sampler {run.sampler!r}: the services sample with ddpm for now; use "
-            "`collafuse simulate` for the few-step solvers"
-        )
     return run.model_copy(update={"torch_threads": saved})
 
 
@@ -718,7 +715,7 @@ def evaluate(
     from collafuse.training import (
         build_server_model,
         model_from_bytes,
-        sampling_grid,
+        sampling_plan,
         server_eps_model,
         server_training_set,
     )
@@ -809,7 +806,7 @@ def evaluate(
         },
     }
     public = load_public_set(run.data)
-    grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
+    grid = sampling_plan(run, schedule).grid
     report = build_report(
         fed,
         run,

@@ -20,9 +20,9 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from collafuse.config import FederationConfig
-from collafuse.schedule import make_schedule
+from collafuse.config import FederationConfig, SamplerName
+from collafuse.schedule import Schedule, make_schedule
 from collafuse.services.http import (
     ApiError,
     Auth,
@@ -46,12 +46,14 @@ from collafuse.services.http import (
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.server.batcher import Batcher, BatchInfo
 from collafuse.services.settings import place_model
+from collafuse.solvers import Handoff, Spacing
 from collafuse.store import Store, StoreError, current_checkpoint, read_manifest
 from collafuse.training import (
+    SamplingPlan,
     build_server_model,
+    make_plan,
     model_from_bytes,
-    sampling_grid,
-    server_handoffs,
+    server_half,
 )
 from collafuse.unet import UNet
 from collafuse.wire import encode_tensors
@@ -89,6 +91,12 @@ class SampleRequest(BaseModel):
     site: str = Field(..., max_length=64, description="the requesting site's id (its own)")
     n: int = Field(..., ge=1, description="number of hand-offs")
     steps: int | None = Field(None, ge=1, description="respaced server steps (default: server's)")
+    sampler: SamplerName = Field("ddpm", description="ddpm or a few-step solver")
+    spacing: Spacing = Field("uniform", description="the solver's timesteps")
+    eta: float = Field(0.0, ge=0, le=1, description="ddim's noise scale")
+    handoff: Handoff = Field(
+        "handoff", description="multistep solvers: return the state the site continues from"
+    )
     fp16: bool = Field(False, description="send x_tc as float16")
     T: int | None = Field(None, description="the caller's T (checked if given)")
     t_cut: int | None = Field(None, description="the caller's t_cut (checked if given)")
@@ -142,23 +150,27 @@ def create_server_app(
         options.seed if options.seed is not None else secrets.randbits(63)
     )
 
-    def run(site_ids: Tensor, steps: int | None) -> Tensor:
+    def run(site_ids: Tensor, key: Hashable) -> Tensor:
+        """``[N, K, C, H, W]``: the hand-offs, and for a multistep solver handing its state
+        over, the server's last data predictions (``K = 2``)."""
         model = served.model
         if model is None:
             raise RuntimeError("no model loaded")
-        grid = sampling_grid(fed, steps, None) if steps else None
-        x_tc = server_handoffs(model, fed, schedule, site_ids, generator, grid=grid)
-        if not bool(torch.isfinite(x_tc).all()):
+        plan = _plan(fed, schedule, key)
+        x_tc, state = server_half(model, fed, schedule, site_ids, generator, plan)
+        out = torch.stack([x_tc] if state is None else [x_tc, state.x0_hat], dim=1)
+        if not bool(torch.isfinite(out).all()):
             raise ModelDiverged(f"server checkpoint v{served.version} gave non-finite hand-offs")
-        return x_tc
+        return out
 
-    def server_nfe(steps: int | None) -> int:
+    def server_nfe(key: Hashable) -> int:
+        steps = key.steps if isinstance(key, PlanKey) else None
         return min(steps, fed.server_steps) if steps else fed.server_steps
 
     def on_batch(info: BatchInfo) -> None:
         assert metrics.batch_size is not None
         metrics.batch_size.observe(info.total)
-        nfe = server_nfe(info.steps)
+        nfe = server_nfe(info.key)
         if nfe:
             metrics.denoise_step.labels(ROLE).observe(info.seconds / nfe)
         for site, n in info.sizes.items():
@@ -250,21 +262,25 @@ def create_server_app(
                 503, "not-ready", "no server checkpoint loaded yet", {"Retry-After": "5"}
             )
         steps = body.steps or options.default_steps
+        key = _plan_key(fed, schedule, body, steps)
         version = served.version
-        x_tc = await _submit_watching(
-            request, batcher.submit(body.site, fed.site_index(body.site), body.n, steps)
+        out = await _submit_watching(
+            request, batcher.submit(body.site, fed.site_index(body.site), body.n, key)
         )
-        data = encode_tensors(
-            {"x_tc": x_tc},
-            fp16=body.fp16,
-            metadata={
-                "site": body.site,
-                "T": str(fed.T),
-                "t_cut": str(fed.t_cut),
-                "version": str(version),
-                "steps": str(server_nfe(steps)),
-            },
-        )
+        tensors = {"x_tc": out[:, 0]}
+        meta = {
+            "site": body.site,
+            "T": str(fed.T),
+            "t_cut": str(fed.t_cut),
+            "version": str(version),
+            "steps": str(server_nfe(key)),
+            "sampler": body.sampler,
+        }
+        if out.shape[1] == 2:  # the multistep state the site continues from
+            grid = _plan(fed, schedule, key).grid or list(range(fed.T, -1, -1))
+            tensors["x0_prev"] = out[:, 1]
+            meta["t_prev"] = str(grid[grid.index(fed.t_cut) - 1])
+        data = encode_tensors(tensors, fp16=body.fp16, metadata=meta)
         metrics.sample_requests.labels(body.site).inc()
         metrics.samples.labels(body.site).inc(body.n)
         metrics.bytes_sent.labels(body.site).inc(len(data))
@@ -284,6 +300,47 @@ def create_server_app(
         }
 
     return app
+
+
+def _plan_key(
+    fed: FederationConfig, schedule: Schedule, body: SampleRequest, steps: int | None
+) -> PlanKey:
+    """The batching key of a request: its server steps and sampler options; 422 for a
+    combination no run may use (the same rules as the run config's)."""
+    if body.sampler != "ddpm" and fed.upload_mode != "exact":
+        raise ApiError(422, "bad-request", f"sampler {body.sampler!r} needs upload_mode 'exact'")
+    if body.eta and body.sampler != "ddim":
+        raise ApiError(422, "bad-request", f"eta is for ddim only, not {body.sampler!r}")
+    if body.sampler == "ddpm" and body.spacing != "uniform":
+        raise ApiError(422, "bad-request", "spacing 'logsnr' is for the solvers, not ddpm")
+    key = PlanKey(steps, body.sampler, body.spacing, body.eta, body.handoff)
+    _plan(fed, schedule, key)  # refuses what the grid refuses, before the request is queued
+    return key
+
+
+class PlanKey(NamedTuple):
+    """How the server samples a request (requests with equal keys share batches)."""
+
+    steps: int | None
+    sampler: SamplerName
+    spacing: Spacing
+    eta: float
+    handoff: Handoff
+
+
+def _plan(fed: FederationConfig, schedule: Schedule, key: Hashable) -> SamplingPlan:
+    if not isinstance(key, PlanKey):
+        raise TypeError(f"not a PlanKey: {key!r}")
+    return make_plan(
+        fed,
+        schedule,
+        key.steps,
+        None,
+        sampler=key.sampler,
+        spacing=key.spacing,
+        eta=key.eta,
+        handoff=key.handoff,
+    )
 
 
 async def _submit_watching(request: Request, work: Awaitable[Tensor]) -> Tensor:

@@ -1,9 +1,10 @@
 """Batching of concurrent sample requests into shared forward passes.
 
-Requests (``n`` samples conditioned on one site, at a number of server steps) wait in an
-asyncio queue. One worker takes the first, then collects more for up to ``max_wait_s`` or
-until ``max_batch`` samples, and runs ONE call of ``run(site_ids, steps)`` in a worker thread
-for the concatenated condition ids of every request with the same step count (the network
+Requests (``n`` samples conditioned on one site, with a hashable ``key`` naming how they are
+sampled: the server's sampler, spacing and step count) wait in an asyncio queue. One worker
+takes the first, then collects more for up to ``max_wait_s`` or until ``max_batch`` samples,
+and runs ONE call of ``run(site_ids, key)`` in a worker thread for the concatenated condition
+ids of every request with the same key (the network
 takes a per-sample condition, so many sites share each forward pass). The result is split
 back, in order, to the waiting requests. While a batch runs, new requests queue up and form
 the next batch. With ``batching=False`` each request runs alone (the naive server the bench
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,8 +28,8 @@ __all__ = ["BatchInfo", "Batcher"]
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[Tensor, "int | None"], Tensor]
-"""``run(site_ids [N] long, steps | None) -> x_tc [N, C, H, W]``, called in a worker thread."""
+RunFn = Callable[[Tensor, Hashable], Tensor]
+"""``run(site_ids [N] long, key) -> [N, ...]`` (one row per sample), in a worker thread."""
 
 
 @dataclass
@@ -36,7 +37,7 @@ class _Request:
     site: str
     site_index: int
     n: int
-    steps: int | None
+    key: Hashable
     future: asyncio.Future[Tensor] = field(repr=False)
 
 
@@ -45,7 +46,7 @@ class BatchInfo:
     """What one shared forward-pass batch did (for metrics)."""
 
     sizes: dict[str, int]  # site -> samples in this batch
-    steps: int | None
+    key: Hashable
     seconds: float
 
     @property
@@ -86,12 +87,13 @@ class Batcher:
                 await self._task
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, site: str, site_index: int, n: int, steps: int | None) -> Tensor:
-        """Queue ``n`` samples for ``site``; returns their hand-offs ``[n, C, H, W]``."""
+    async def submit(self, site: str, site_index: int, n: int, key: Hashable) -> Tensor:
+        """Queue ``n`` samples for ``site`` sampled as ``key`` says; returns their rows of
+        ``run``'s output ``[n, ...]``."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         future: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(site, site_index, n, steps, future))
+        await self._queue.put(_Request(site, site_index, n, key, future))
         return await future
 
     @property
@@ -128,15 +130,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            groups: dict[int | None, list[_Request]] = {}
+            groups: dict[Hashable, list[_Request]] = {}
             for req in batch:
                 if not req.future.done():  # the caller may have gone away
-                    groups.setdefault(req.steps, []).append(req)
-            for steps, reqs in groups.items():
+                    groups.setdefault(req.key, []).append(req)
+            for key, reqs in groups.items():
                 ids = torch.cat([torch.full((r.n,), r.site_index, dtype=torch.long) for r in reqs])
                 start = time.perf_counter()
                 try:
-                    out = await loop.run_in_executor(self._executor, self.run, ids, steps)
+                    out = await loop.run_in_executor(self._executor, self.run, ids, key)
                 except Exception as exc:  # hand the failure to every caller of the batch
                     log.exception("sample batch failed")
                     for r in reqs:
@@ -152,4 +154,4 @@ class Batcher:
                     offset += r.n
                     sizes[r.site] = sizes.get(r.site, 0) + r.n
                 if self.on_batch is not None:
-                    self.on_batch(BatchInfo(sizes, steps, seconds))
+                    self.on_batch(BatchInfo(sizes, key, seconds))

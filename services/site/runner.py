@@ -32,21 +32,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from collafuse.config import FederationConfig
+from collafuse.config import FederationConfig, SamplerName
 from collafuse.diffusion import sample_prior
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import make_schedule
 from collafuse.services.client import ServiceClient, ServiceError
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.settings import place_model
+from collafuse.solvers import Handoff, SolverState, Spacing
 from collafuse.training import (
+    SamplingPlan,
     Trainer,
     atomic_write,
     build_site_model,
     checkpoint_meta,
     make_disclosure,
+    make_plan,
     model_to_bytes,
-    sampling_grid,
     site_finish,
     train_site,
 )
@@ -76,6 +78,10 @@ class SiteOptions:
     sample_request: int = 100  # hand-offs per request to the server
     server_steps: int | None = None  # respaced sampling (None: every step)
     site_steps: int | None = None
+    sampler: SamplerName = "ddpm"  # or a few-step solver (docs/samplers.md)
+    spacing: Spacing = "uniform"
+    eta: float = 0.0  # ddim only
+    handoff: Handoff = "handoff"  # multistep solvers: continue the server's history
     clip_x0: bool = True
     fp16: bool = False  # disclosure and hand-offs as float16 on the wire
     prefetch: bool = True  # request the next hand-offs while finishing the current ones
@@ -337,13 +343,14 @@ class SiteRunner:
         with self._sample_lock:
             self.phase = "sampling"
             opts, fed = self.options, self.fed
-            grid = sampling_grid(fed, opts.server_steps, opts.site_steps)
+            plan = self.plan()
+            grid = plan.grid
             out: list[tuple[Tensor, Tensor, Tensor | None]] = []
             versions: set[int] = set()
             start = time.perf_counter()
             site_nfe = len([t for t in grid if t < fed.t_cut]) if grid else fed.t_cut
             sizes = [min(opts.sample_request, n - lo) for lo in range(0, n, opts.sample_request)]
-            for k, (x_tc, version) in zip(sizes, self._handoff_stream(sizes), strict=True):
+            for k, (x_tc, state, version) in zip(sizes, self._handoff_stream(sizes), strict=True):
                 versions.add(version)
                 labels = self._sample_labels(k)
                 t0 = time.perf_counter()
@@ -354,8 +361,9 @@ class SiteRunner:
                     x_tc,
                     self.generator,
                     labels=labels,
-                    grid=grid,
                     clip_x0=opts.clip_x0,
+                    plan=plan,
+                    state=state,
                 )
                 seconds = time.perf_counter() - t0
                 self.compute["sample"] += seconds
@@ -392,7 +400,21 @@ class SiteRunner:
                 "server_versions": sorted(versions),
             }
 
-    def _handoff_stream(self, sizes: list[int]) -> Iterator[tuple[Tensor, int]]:
+    def plan(self) -> SamplingPlan:
+        """How this site samples (the server is asked for the same server part)."""
+        opts = self.options
+        return make_plan(
+            self.fed,
+            self.schedule,
+            opts.server_steps,
+            opts.site_steps,
+            sampler=opts.sampler,
+            spacing=opts.spacing,
+            eta=opts.eta,
+            handoff=opts.handoff,
+        )
+
+    def _handoff_stream(self, sizes: list[int]) -> Iterator[tuple[Tensor, SolverState | None, int]]:
         """Hand-offs for requests of ``sizes``, in order. With ``prefetch`` the next request
         is in flight at the server while this site finishes the current one, so server and
         site work overlap and the server sees more requests at once to batch; a failed
@@ -410,12 +432,13 @@ class SiteRunner:
                     pending = pool.submit(self._handoffs, nxt)
                 yield result
 
-    def _handoffs(self, k: int) -> tuple[Tensor, int]:
-        """``k`` hand-offs ``x_tc`` from the server and its checkpoint version (local-only,
-        ``t_cut = T``: the prior ``x_T``, drawn here; nothing is asked of the server)."""
+    def _handoffs(self, k: int) -> tuple[Tensor, SolverState | None, int]:
+        """``k`` hand-offs ``x_tc`` from the server, the multistep state when the plan hands
+        it over, and the checkpoint version (local-only, ``t_cut = T``: the prior ``x_T``,
+        drawn here; nothing is asked of the server)."""
         fed, opts = self.fed, self.options
         if fed.t_cut == fed.T:
-            return sample_prior((k, *fed.image_shape), self.generator), -1
+            return sample_prior((k, *fed.image_shape), self.generator), None, -1
         if self.server is None:
             raise ValueError("no server URL configured (COLLAFUSE_SERVER_URL)")
         request: dict[str, Any] = {
@@ -427,6 +450,10 @@ class SiteRunner:
         }
         if opts.server_steps:
             request["steps"] = opts.server_steps
+        if opts.sampler != "ddpm":
+            request.update(
+                sampler=opts.sampler, spacing=opts.spacing, eta=opts.eta, handoff=opts.handoff
+            )
         response = self.server.request("POST", "/v1/sample", json=request)
         sent = len(json.dumps(request))
         self.metrics.bytes_received.labels(opts.site).inc(len(response.content))
@@ -435,8 +462,13 @@ class SiteRunner:
         self.bytes["downloaded"] += len(response.content)
         self.bytes["handoff"] += len(response.content)
         spec = {"x_tc": TensorSpec((k, *fed.image_shape))}
-        tensors, meta = decode_tensors(response.content, max_bytes=64 * 2**20, expect=spec)
-        return tensors["x_tc"], int(meta.get("version", -1))
+        if self.plan().carries_state:
+            spec["x0_prev"] = spec["x_tc"]
+        tensors, meta = decode_tensors(response.content, max_bytes=128 * 2**20, expect=spec)
+        state = None
+        if "x0_prev" in tensors:
+            state = SolverState(tensors["x0_prev"], int(meta["t_prev"]))
+        return tensors["x_tc"], state, int(meta.get("version", -1))
 
     def _sample_labels(self, k: int) -> Tensor | None:
         """Labels to condition the site model on, drawn from the site's own label mix."""

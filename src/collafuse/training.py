@@ -39,6 +39,7 @@ from collafuse.schedule import Schedule
 from collafuse.solvers import (
     Handoff,
     SolverState,
+    Spacing,
     solver_grid,
     solver_server_half,
     solver_site_half,
@@ -273,15 +274,37 @@ class SamplingPlan:
 
 
 def sampling_plan(run: RunConfig, schedule: Schedule) -> SamplingPlan:
-    """The run's sampling plan: ddpm on a uniform respaced grid, or a solver on its spacing."""
-    fed = run.federation
-    if run.sampler == "ddpm":
-        grid = sampling_grid(fed, run.server_sample_steps, run.site_sample_steps)
-    else:
-        grid = solver_grid(
-            schedule, fed.t_cut, run.server_sample_steps, run.site_sample_steps, run.spacing
-        )
-    return SamplingPlan(grid, run.sampler, run.sampler_eta, run.handoff)
+    """The run's sampling plan (see :func:`make_plan`)."""
+    return make_plan(
+        run.federation,
+        schedule,
+        run.server_sample_steps,
+        run.site_sample_steps,
+        sampler=run.sampler,
+        spacing=run.spacing,
+        eta=run.sampler_eta,
+        handoff=run.handoff,
+    )
+
+
+def make_plan(
+    fed: FederationConfig,
+    schedule: Schedule,
+    server_steps: int | None,
+    site_steps: int | None,
+    *,
+    sampler: SamplerName = "ddpm",
+    spacing: Spacing = "uniform",
+    eta: float = 0.0,
+    handoff: Handoff = "handoff",
+) -> SamplingPlan:
+    """ddpm on a uniformly respaced grid (None: every step), or a solver on its spacing.
+    Each side's part of the grid depends only on that side's steps and the spacing, so the
+    server and a site that agree on those agree on the grid."""
+    if sampler == "ddpm":
+        return SamplingPlan(sampling_grid(fed, server_steps, site_steps))
+    grid = solver_grid(schedule, fed.t_cut, server_steps, site_steps, spacing)
+    return SamplingPlan(grid, sampler, eta, handoff)
 
 
 def steps_per_sample(fed: FederationConfig, grid: Sequence[int] | None) -> tuple[int, int]:

@@ -227,7 +227,7 @@ def test_prefetch_overlaps_the_next_request_and_keeps_order_and_errors(tmp_path,
             started[i].set()
             if i == fail_on:
                 raise ServiceError("server down (test)")
-            return torch.full((k, *fed.image_shape), float(i)), 7
+            return torch.full((k, *fed.image_shape), float(i)), None, 7  # x_tc, state, version
 
         def finish(model, fed_, schedule, x_tc, *args, **kwargs):
             batch = int(x_tc[0, 0, 0, 0])
