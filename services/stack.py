@@ -545,6 +545,49 @@ class _Progress:
         print(f"[{time.perf_counter() - self.start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
+class TrainingWatch:
+    """A ``wait_until`` check that is true once every role has finished training, and says
+    each role's step, last loss and an ETA every ``every_s`` seconds meanwhile (read from the
+    services' ``/v1/status``), so a long training is not mistaken for a hang."""
+
+    def __init__(
+        self,
+        roles: list[tuple[str, ServiceSpec, str | None, tuple[str, ...]]],
+        say: Callable[[str], None],
+        every_s: float = 15.0,
+    ) -> None:
+        self.roles, self.say, self.every_s = roles, say, every_s
+        self.first: dict[str, tuple[float, int]] = {}
+        self.last_said = time.monotonic()
+
+    def __call__(self) -> bool:
+        lines, done = [], True
+        for name, spec, token, finished in self.roles:
+            with _client(spec.url, token) as c:
+                status = c.get("/v1/status").json()
+            if status.get("phase") == "failed":
+                raise StackError(f"{name} failed: {status.get('error')}")
+            done = done and status.get("phase") in finished
+            lines.append(self._line(name, status, status.get("phase") in finished))
+        if not done and time.monotonic() - self.last_said >= self.every_s:
+            self.say("training: " + "; ".join(lines))
+            self.last_said = time.monotonic()
+        return done
+
+    def _line(self, name: str, status: dict[str, Any], finished: bool) -> str:
+        step = int(status.get("step") or 0)
+        total = int(status.get("max_steps") or status.get("train_steps") or 0)
+        if finished:
+            return f"{name} done ({step} steps)"
+        now = time.monotonic()
+        t0, s0 = self.first.setdefault(name, (now, step))
+        loss = status.get("last_loss")
+        text = f"{name} {step}/{total}" + (f" loss {loss:.3f}" if loss is not None else "")
+        if step > s0 and total > step:
+            text += f" ETA {(total - step) * (now - t0) / (step - s0):.0f} s"
+        return text
+
+
 def drive(plan: StackPlan, stack: Stack, timeout: float) -> dict[str, Any]:
     """Run the federation to the end and write the report; returns it."""
     say = _Progress()
@@ -574,34 +617,16 @@ def drive(plan: StackPlan, stack: Stack, timeout: float) -> dict[str, Any]:
     else:
         say("local-only (c = 1): nothing is disclosed and the server does not train")
 
-    def phase(spec: ServiceSpec, token: str | None) -> str:
-        with _client(spec.url, token) as c:
-            status = c.get("/v1/status").json()
-        if status.get("phase") == "failed":
-            raise StackError(f"{spec.name} failed: {status.get('error')}")
-        return str(status.get("phase"))
-
-    def in_phase(spec: ServiceSpec, token: str | None, phases: tuple[str, ...]) -> bool:
-        return phase(spec, token) in phases
-
-    for spec in trainers:
-        wait_until(
-            f"{spec.name} to finish training",
-            partial(in_phase, spec, None, ("done",)),
-            left(),
-            stack,
-            2.0,
-        )
-    say("server training done")
-    for site in fed.sites:
-        wait_until(
-            f"{site} to finish training",
-            partial(in_phase, plan.service(site), plan.site_tokens[site], ("trained", "done")),
-            left(),
-            stack,
-            2.0,
-        )
-    say("site training done")
+    watch = TrainingWatch(
+        [(spec.name, spec, None, ("done",)) for spec in trainers]
+        + [
+            (site, plan.service(site), plan.site_tokens[site], ("trained", "done"))
+            for site in fed.sites
+        ],
+        say,
+    )
+    wait_until("every model to finish training", watch, left(), stack, 2.0)
+    say("server and site training done")
     final = coord.get("/v1/status").json()["checkpoint"]["version"]
     with _client(plan.service("server").url, plan.admin_token) as srv:
         wait_until(
