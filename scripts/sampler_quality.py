@@ -36,14 +36,16 @@ from collafuse.training import (
     steps_per_sample,
 )
 
-# (label, sampler, spacing, site steps or None for every step); the server runs every one of
-# its steps with the same sampler.
-CONFIGS: list[tuple[str, str, str, int | None]] = [
-    ("ddpm", "ddpm", "uniform", None),
-    *[("ddpm respaced", "ddpm", "uniform", k) for k in (20, 10, 5)],
-    *[("ddim", "ddim", "uniform", k) for k in (20, 10, 5)],
-    *[("dpmpp-2m", "dpmpp-2m", "logsnr", k) for k in (20, 10, 5)],
-    *[("dpmpp-2m-sde", "dpmpp-2m-sde", "logsnr", k) for k in (20, 10, 5)],
+# (label, sampler, spacing, site steps or None for every step, handoff); the server runs every
+# one of its steps with the same sampler.
+CONFIGS: list[tuple[str, str, str, int | None, str]] = [
+    ("ddpm", "ddpm", "uniform", None, "handoff"),
+    *[("ddpm respaced", "ddpm", "uniform", k, "handoff") for k in (20, 10, 5)],
+    *[("ddim", "ddim", "uniform", k, "handoff") for k in (20, 10, 5)],
+    *[("dpmpp-2m", "dpmpp-2m", "logsnr", k, "handoff") for k in (20, 10, 5)],
+    *[("dpmpp-2m-sde", "dpmpp-2m-sde", "logsnr", k, "handoff") for k in (20, 10, 5)],
+    *[("dpmpp-2m restart", "dpmpp-2m", "logsnr", k, "restart") for k in (10, 5)],
+    *[("dpmpp-2m-sde restart", "dpmpp-2m-sde", "logsnr", k, "restart") for k in (10, 5)],
 ]
 
 
@@ -70,10 +72,12 @@ def sample_config(
 ) -> tuple[torch.Tensor, int, int, float]:
     """Pooled samples of every site under one configuration; (samples, server NFE, site NFE,
     seconds of site sampling)."""
-    _, sampler, spacing, site_steps = config
+    _, sampler, spacing, site_steps, handoff = config
     fed = run.federation
     schedule = make_schedule(fed.schedule, fed.T)
-    plan = make_plan(fed, schedule, None, site_steps, sampler=sampler, spacing=spacing)
+    plan = make_plan(
+        fed, schedule, None, site_steps, sampler=sampler, spacing=spacing, handoff=handoff
+    )
     if sampler == "ddpm" and site_steps is None:
         plan = make_plan(fed, schedule, None, None)
     generator = torch.Generator().manual_seed(seed)
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="per site")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="run the configurations whose label contains this")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--inception", action="store_true", help="also the Inception FID (slow on a CPU)"
@@ -127,6 +132,8 @@ def main() -> None:
     print("| sampler | site NFE | server NFE | pooled domain FID | pooled Inception FID | site s |")
     print("|---|---|---|---|---|---|")
     for config in CONFIGS:
+        if args.only and args.only not in config[0]:
+            continue
         fake, n_server, n_site, seconds = sample_config(
             run, server, sites, config, args.samples, args.seed
         )
@@ -137,6 +144,7 @@ def main() -> None:
         row = {
             "sampler": config[0],
             "spacing": config[2],
+            "handoff": config[4],
             "site_nfe": n_site,
             "server_nfe": n_server,
             "domain_fid": quality["fid"],
