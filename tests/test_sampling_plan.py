@@ -100,7 +100,10 @@ def test_the_plan_follows_the_run_config() -> None:
     plan = sampling_plan(
         RunConfig(federation=fed, sampler="dpmpp-2m-sde", server_sample_steps=2), schedule
     )
-    assert plan.grid is not None and plan.grid[0] == 20 and 10 in plan.grid and plan.carries_state
+    assert plan.grid is not None and plan.grid[0] == 20 and 10 in plan.grid
+    assert plan.handoff == "restart" and not plan.carries_state  # the default
+    handing = RunConfig(federation=fed, sampler="dpmpp-2m", handoff="handoff")
+    assert sampling_plan(handing, schedule).carries_state
     for bad, match in (
         ({"sampler": "ddim", "federation": _fed(upload_mode="renoise")}, "upload_mode 'exact'"),
         ({"sampler": "dpmpp-2m", "sampler_eta": 0.5}, "ddim only"),

@@ -95,7 +95,8 @@ class SampleRequest(BaseModel):
     spacing: Spacing = Field("uniform", description="the solver's timesteps")
     eta: float = Field(0.0, ge=0, le=1, description="ddim's noise scale")
     handoff: Handoff = Field(
-        "handoff", description="multistep solvers: return the state the site continues from"
+        "restart",
+        description="multistep solvers: 'handoff' returns the state the site continues from",
     )
     fp16: bool = Field(False, description="send x_tc as float16")
     T: int | None = Field(None, description="the caller's T (checked if given)")

@@ -81,7 +81,7 @@ class SiteOptions:
     sampler: SamplerName = "ddpm"  # or a few-step solver (docs/samplers.md)
     spacing: Spacing = "uniform"
     eta: float = 0.0  # ddim only
-    handoff: Handoff = "handoff"  # multistep solvers: continue the server's history
+    handoff: Handoff = "restart"  # multistep solvers: restart at the cut, or "handoff"
     clip_x0: bool = True
     fp16: bool = False  # disclosure and hand-offs as float16 on the wire
     prefetch: bool = True  # request the next hand-offs while finishing the current ones

@@ -103,8 +103,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--handoff",
         choices=HANDOFFS,
-        help="multistep solvers at the cut: continue the server's history (default, exact) or "
-        "restart at first order",
+        help="multistep solvers at the cut: restart at first order (default: robust with two "
+        "networks) or continue the server's history (exact; unstable below ~10 site steps)",
     )
 
 

@@ -185,7 +185,9 @@ class RunConfig(BaseModel):
     sampler: SamplerName = "ddpm"
     spacing: Spacing = "uniform"  # of each side's few steps (docs/samplers.md)
     sampler_eta: float = Field(0.0, ge=0, le=1)  # ddim only: 0 deterministic, 1 DDPM-like
-    handoff: Handoff = "handoff"  # multistep solvers: continue the server's history or restart
+    # multistep solvers at the cut: restart at first order (robust with two different networks)
+    # or continue the server's history ("handoff": exact, unstable below ~10 site steps)
+    handoff: Handoff = "restart"
     clip_x0: bool = True
     reid_pool: int = Field(1000, ge=2)
     attack_steps: int = Field(400, ge=0)

@@ -265,7 +265,7 @@ class SamplingPlan:
     grid: list[int] | None = None
     sampler: SamplerName = "ddpm"
     eta: float = 0.0
-    handoff: Handoff = "handoff"
+    handoff: Handoff = "restart"
 
     @property
     def carries_state(self) -> bool:
@@ -296,7 +296,7 @@ def make_plan(
     sampler: SamplerName = "ddpm",
     spacing: Spacing = "uniform",
     eta: float = 0.0,
-    handoff: Handoff = "handoff",
+    handoff: Handoff = "restart",
 ) -> SamplingPlan:
     """ddpm on a uniformly respaced grid (None: every step), or a solver on its spacing.
     Each side's part of the grid depends only on that side's steps and the spacing, so the

@@ -35,9 +35,13 @@ def _sample(server, fed, **body):
 @pytest.mark.parametrize(
     ("body", "state", "nfe"),
     [
-        ({"sampler": "dpmpp-2m", "steps": 3}, True, "3"),
-        ({"sampler": "dpmpp-2m", "steps": 3, "handoff": "restart"}, False, "3"),
-        ({"sampler": "dpmpp-2m-sde", "spacing": "logsnr", "steps": 4}, True, "4"),
+        ({"sampler": "dpmpp-2m", "steps": 3, "handoff": "handoff"}, True, "3"),
+        ({"sampler": "dpmpp-2m", "steps": 3}, False, "3"),  # restart: the default
+        (
+            {"sampler": "dpmpp-2m-sde", "spacing": "logsnr", "steps": 4, "handoff": "handoff"},
+            True,
+            "4",
+        ),
         ({"sampler": "ddim", "eta": 0.5, "steps": 2}, False, "2"),
         ({}, False, "10"),
     ],
