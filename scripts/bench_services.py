@@ -5,7 +5,10 @@
    - the ``serve`` endpoint (a separate ``collafuse server serve`` process on loopback) with
      1 site and with 8 concurrent sites (batched across sites);
    - the same endpoint in naive mode (``--no-batching``: one request at a time), 8 sites.
-2. Server training, in images per second, of
+2. Site sampling, in images per second at the site (its half only, from the hand-offs), per
+   sampler: ancestral DDPM over every site step and at 10 steps, DDIM, DPM-Solver++ 2M and
+   2M SDE at 10 steps (docs/samplers.md).
+3. Server training, in images per second, of
    - the training role (the trainer loop reading the disclosures from a filesystem store and
      pushing its weights to a coordinator that publishes them);
    - a plain in-memory loop (``train_server`` on tensors already in memory).
@@ -47,8 +50,12 @@ from collafuse.store import FileStore
 from collafuse.training import (
     Trainer,
     build_server_model,
+    build_site_model,
     make_disclosure,
+    make_plan,
     server_handoffs,
+    site_finish,
+    steps_per_sample,
     train_server,
 )
 from collafuse.wire import encode_tensors
@@ -166,6 +173,43 @@ def bench_raw(fed: FederationConfig, batch: int, repeats: int) -> float:
     return batch * fed.server_steps / best
 
 
+SITE_SAMPLERS = [
+    ("ddpm", "uniform", None),
+    ("ddpm", "uniform", 10),
+    ("ddim", "uniform", 10),
+    ("dpmpp-2m", "logsnr", 10),
+    ("dpmpp-2m-sde", "logsnr", 10),
+]
+
+
+def bench_site_samplers(
+    fed: FederationConfig, batch: int, repeats: int
+) -> list[tuple[str, str, float, str]]:
+    """Images per second of the site's half per sampler (best of ``repeats``)."""
+    schedule = make_schedule(fed.schedule, fed.T)
+    model = build_site_model(fed).eval()
+    g = torch.Generator().manual_seed(0)
+    x_tc = torch.randn((batch, *fed.image_shape), generator=g)
+    rows = []
+    for sampler, spacing, steps in SITE_SAMPLERS:
+        plan = make_plan(fed, schedule, None, steps, sampler=sampler, spacing=spacing)  # type: ignore[arg-type]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            site_finish(model, fed, schedule, x_tc, g, plan=plan)
+            best = min(best, time.perf_counter() - start)
+        nfe = steps_per_sample(fed, plan.grid)[1]
+        rows.append(
+            (
+                f"site sampling, {sampler} ({spacing})",
+                f"{nfe} calls, batch {batch}",
+                batch / best,
+                "images/s",
+            )
+        )
+    return rows
+
+
 def bench_training(
     folder: Path,
     fed: FederationConfig,
@@ -203,6 +247,7 @@ def bench_training(
                 tensors, metadata={"site": site, "T": str(fed.T), "t_cut": str(fed.t_cut)}
             )
             with ServiceClient(url, tokens[site], fingerprint=fed.fingerprint()) as c:
+                c.request("PUT", f"/v1/sites/{site}/ledger", json={"images": per_site})
                 c.request("POST", f"/v1/sites/{site}/disclosures", content=body)
             pooled.append(tensors["x_tc"])
             ids.append(torch.full((per_site,), k, dtype=torch.long))
@@ -313,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
                     print(f"  {rows[-1]}", flush=True)
+        for row in bench_site_samplers(fed, n_all, args.best_of):
+            rows.append(row)
+            print(f"  {rows[-1]}", flush=True)
         role, plain = bench_training(folder, fed, run, tokens, admin, args.train_steps)
         rows.append(
             (
@@ -334,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| measurement | setting | rate | unit |")
     print("|---|---|---|---|")
     for name, setting, rate, unit in rows:
-        print(f"| {name} | {setting} | {rate:,.0f} | {unit} |")
+        print(f"| {name} | {setting} | {rate:,.1f} | {unit} |")
     if args.json:
         args.json.write_text(
             json.dumps(
