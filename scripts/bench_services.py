@@ -48,6 +48,7 @@ from collafuse.services.server.trainer import TrainerLoop, TrainOptions
 from collafuse.services.stack import die_with_parent
 from collafuse.store import FileStore
 from collafuse.training import (
+    SamplerOptions,
     Trainer,
     build_server_model,
     build_site_model,
@@ -192,7 +193,7 @@ def bench_site_samplers(
     x_tc = torch.randn((batch, *fed.image_shape), generator=g)
     rows = []
     for sampler, spacing, steps in SITE_SAMPLERS:
-        plan = make_plan(fed, schedule, None, steps, sampler=sampler, spacing=spacing)  # type: ignore[arg-type]
+        plan = make_plan(fed, schedule, None, steps, SamplerOptions(sampler, spacing))  # type: ignore[arg-type]
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()

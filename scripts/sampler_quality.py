@@ -27,6 +27,7 @@ from collafuse.federation.simulate import site_partitions
 from collafuse.schedule import make_schedule
 from collafuse.store import FileStore, current_checkpoint
 from collafuse.training import (
+    SamplerOptions,
     build_server_model,
     build_site_model,
     make_plan,
@@ -76,10 +77,8 @@ def sample_config(
     fed = run.federation
     schedule = make_schedule(fed.schedule, fed.T)
     plan = make_plan(
-        fed, schedule, None, site_steps, sampler=sampler, spacing=spacing, handoff=handoff
+        fed, schedule, None, site_steps, SamplerOptions(sampler, spacing, handoff=handoff)
     )
-    if sampler == "ddpm" and site_steps is None:
-        plan = make_plan(fed, schedule, None, None)
     generator = torch.Generator().manual_seed(seed)
     out, site_seconds = [], 0.0
     for k, site in enumerate(fed.sites):

@@ -485,6 +485,7 @@ def _site(args: argparse.Namespace) -> int:
     from collafuse.services.settings import ConfigError
     from collafuse.services.site.app import create_site_app
     from collafuse.services.site.runner import SiteOptions, SiteRunner
+    from collafuse.training import SamplerOptions
 
     settings = _setup(args)
     token = settings.site_token
@@ -516,10 +517,12 @@ def _site(args: argparse.Namespace) -> int:
         sample_request=args.sample_request,
         server_steps=args.server_steps or run.server_sample_steps,
         site_steps=args.site_steps or run.site_sample_steps,
-        sampler=args.sampler or run.sampler,
-        spacing=args.spacing or run.spacing,
-        eta=run.sampler_eta if args.eta is None else args.eta,
-        handoff=args.handoff or run.handoff,
+        sampling=SamplerOptions(
+            args.sampler or run.sampler,
+            args.spacing or run.spacing,
+            run.sampler_eta if args.eta is None else args.eta,
+            args.handoff or run.handoff,
+        ),
         clip_x0=run.clip_x0,
         fp16=args.fp16,
         prefetch=not args.no_prefetch,
@@ -602,12 +605,7 @@ def _add_site(sub: Any) -> None:
     p.add_argument(
         "--exit-when-done", action="store_true", help="exit after training (and --samples)"
     )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="minibatch/sampling seed (never the disclosure noise)",
-    )
+    p.add_argument("--seed", type=int, help="minibatch/sampling seed (never the disclosure noise)")
     p.add_argument(
         "--wait-coordinator",
         type=float,

@@ -366,40 +366,35 @@ class ObserveMiddleware:
         self.app, self.metrics, self.max_body, self.limits = app, metrics, max_body, limits
         self.in_flight = 0
 
+    def _refusal(
+        self, scope: Scope, counted: bool
+    ) -> tuple[int, dict[str, str], dict[str, str]] | None:
+        """``(status, body, headers)`` of a request refused before the app sees it: too many
+        in flight (503), or a declared body over the service limit (413)."""
+        if counted and self.in_flight > self.limits.max_in_flight:
+            detail = f"more than {self.limits.max_in_flight} requests in flight; retry shortly"
+            return 503, {"detail": detail, "reason": "overloaded"}, {"retry-after": "1"}
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            detail = (
+                f"request body is {int(declared)} bytes, over the service limit of "
+                f"{self.max_body} bytes"
+            )
+            return 413, {"detail": detail, "reason": "too-large"}, {}
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"")
         counted = scope.get("path") not in _UNLIMITED_PATHS
         self.in_flight += counted
         try:
-            if counted and self.in_flight > self.limits.max_in_flight:
-                status = 503
-                await _send_json(
-                    send,
-                    503,
-                    {
-                        "detail": f"more than {self.limits.max_in_flight} requests in flight; "
-                        "retry shortly",
-                        "reason": "overloaded",
-                    },
-                    {"retry-after": "1"},
-                )
-                return
-            if declared.isdigit() and int(declared) > self.max_body:
-                status = 413
-                await _send_json(
-                    send,
-                    413,
-                    {
-                        "detail": f"request body is {int(declared)} bytes, over the service limit "
-                        f"of {self.max_body} bytes",
-                        "reason": "too-large",
-                    },
-                )
+            refusal = self._refusal(scope, counted)
+            if refusal is not None:
+                status = refusal[0]
+                await _send_json(send, *refusal)
                 return
             received = 0
 

@@ -122,26 +122,15 @@ def test_simulate_counts_the_solvers_calls_and_bytes(
     """Issue 11's acceptance line: `--sampler dpmpp-2m --sample-steps 3 10` at c = 0.9 gives
     10 site and 3 server network calls per sample; carrying the state doubles the hand-off."""
     cfg = tmp_path / "run.json"
-    run = RunConfig(
-        federation=_fed(T=100, client_fraction=0.9, image_shape=(1, 28, 28)),
-        images_per_site=40,
-        site_train_steps=2,
-        server_train_steps=2,
-        batch_size=8,
-        samples_per_site=12,
-        sample_batch_size=24,
-        reid_pool=20,
-        attack_steps=2,
-        torch_threads=1,
-        data=None,
-    )
+    from test_federation import need_fmnist, tiny_run  # the tiny budgets of the federation tests
+
+    need_fmnist()
+    federation = _fed(T=100, client_fraction=0.9, image_shape=(1, 28, 28))
+    run = tiny_run().model_copy(update={"federation": federation})
     cfg.write_text(json.dumps(run.to_json_dict()))
     out = tmp_path / "out"
     argv = ["simulate", "--config", str(cfg), "--out", str(out), "--quiet"]
     argv += ["--sampler", "dpmpp-2m", "--sample-steps", "3", "10", "--handoff", handoff]
-    from test_federation import need_fmnist
-
-    need_fmnist()
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     cost = report["cost"]

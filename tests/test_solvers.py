@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from ci import need_module
+from test_diffusion import MU, S, server_predictor, site_predictor  # the closed forms
 
 from collafuse.diffusion import EpsModel, make_grid, sample_prior
 from collafuse.schedule import Schedule, cut_step, make_schedule
@@ -32,7 +33,6 @@ from collafuse.solvers import (
     solver_site_half,
 )
 
-MU, S = 0.3, 0.5
 SHAPE = (64, 1, 2, 2)
 
 # (sampler, eta): DDIM deterministic and stochastic, DPM-Solver++ 2M ODE and SDE.
@@ -45,29 +45,6 @@ CONFIGS: list[tuple[Sampler, float]] = [
 CONFIG_IDS = ["ddim", "ddim-eta0.5", "dpmpp-2m", "dpmpp-2m-sde"]
 # (server_steps, site_steps, spacing)
 GRIDS: list[tuple[int, int, Any]] = [(3, 10, "uniform"), (3, 10, "logsnr"), (7, 4, "logsnr")]
-
-
-def site_predictor(schedule: Schedule) -> EpsModel:
-    """``E[eps | x_t]`` for ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, Gaussian ``x0``."""
-
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(x.dtype)
-        return (1 - ab).sqrt() / (ab * S**2 + 1 - ab) * (x - ab.sqrt() * MU)
-
-    return eps_model
-
-
-def server_predictor(schedule: Schedule, t_cut: int) -> EpsModel:
-    """``E[eps' | x_t]`` for the server's data ``x_tc ~ N(sqrt(abar_tc) mu, abar_tc s^2 +
-    1 - abar_tc)`` and its own chain ``x_t = sqrt(r) x_tc + sqrt(1 - r) eps'``."""
-    ab_c = schedule.abar(t_cut)
-    m, v = math.sqrt(ab_c) * MU, ab_c * S**2 + 1 - ab_c
-
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r = (schedule.alphas_cumprod[t] / ab_c).view(-1, 1, 1, 1).to(x.dtype)
-        return (1 - r).sqrt() / (r * v + 1 - r) * (x - r.sqrt() * m)
-
-    return eps_model
 
 
 def split(

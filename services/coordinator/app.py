@@ -199,56 +199,7 @@ def create_coordinator_app(
             "client_fraction": fed.client_fraction,
         }
 
-    @app.put(
-        "/v1/sites/{site}/ledger",
-        tags=["federation"],
-        summary="A site declares how many images it discloses per release (once)",
-        status_code=201,
-        responses={200: {"description": "the same declaration again"}, 409: {}},
-    )
-    async def declare(site: str, request: Request) -> JSONResponse:
-        auth.require_site(request, site, fed)
-        body = await read_model(request, LedgerDeclaration, STATUS_BODY_LIMIT)
-        try:
-            result = await run_in_threadpool(state.ingestor.declare, site, body.images)
-        except DisclosureRejected as exc:
-            raise ApiError(exc.status, exc.reason, str(exc)) from None
-        return JSONResponse(result, status_code=201 if result["status"] == "declared" else 200)
-
-    @app.post(
-        "/v1/sites/{site}/disclosures",
-        tags=["federation"],
-        summary="Upload a site's disclosure x_tc (safetensors body)",
-        status_code=201,
-        responses={
-            200: {"description": "duplicate of an accepted upload"},
-            409: {"description": "config mismatch or already disclosed"},
-            413: {"description": "too large"},
-            422: {"description": "refused payload"},
-        },
-    )
-    async def upload_disclosure(site: str, request: Request) -> JSONResponse:
-        label = site if site in fed.sites else "unknown"
-        try:
-            auth.require_site(request, site, fed)
-            check_fingerprint(request, fed)
-            body = await read_body(request, state.ingestor.max_bytes)
-            metrics.bytes_received.labels(label).inc(len(body))
-            result = await run_in_threadpool(_ingest, state, site, body)
-        except (ApiError, DisclosureRejected) as exc:
-            metrics.disclosures.labels(label, "rejected", exc.reason).inc()
-            if isinstance(exc, DisclosureRejected):
-                raise ApiError(exc.status, exc.reason, str(exc)) from None
-            raise
-        except WireError as exc:
-            reason = "too-large" if isinstance(exc, PayloadTooLarge) else "bad-payload"
-            metrics.disclosures.labels(label, "rejected", reason).inc()
-            raise
-        outcome = "duplicate" if result["duplicate"] else "accepted"
-        metrics.disclosures.labels(site, outcome, "").inc()
-        if outcome == "accepted":
-            await run_in_threadpool(state.set_epsilon, site)
-        return JSONResponse(result, status_code=200 if result["duplicate"] else 201)
+    _add_disclosure_routes(app, state)
 
     @app.put("/v1/sites/{site}/status", tags=["federation"], summary="A site reports its phase")
     async def put_site_status(site: str, request: Request) -> dict[str, str]:
@@ -343,6 +294,62 @@ def create_coordinator_app(
         return await run_in_threadpool(store.get_json, f"reports/{name}.json")
 
     return app
+
+
+def _add_disclosure_routes(app: FastAPI, state: _State) -> None:
+    """The ledger declaration and the disclosure upload (docs/services.md, "Ingest")."""
+    fed, auth, metrics = state.fed, state.auth, state.metrics
+
+    @app.put(
+        "/v1/sites/{site}/ledger",
+        tags=["federation"],
+        summary="A site declares how many images it discloses per release (once)",
+        status_code=201,
+        responses={200: {"description": "the same declaration again"}, 409: {}},
+    )
+    async def declare(site: str, request: Request) -> JSONResponse:
+        auth.require_site(request, site, fed)
+        body = await read_model(request, LedgerDeclaration, STATUS_BODY_LIMIT)
+        try:
+            result = await run_in_threadpool(state.ingestor.declare, site, body.images)
+        except DisclosureRejected as exc:
+            raise ApiError(exc.status, exc.reason, str(exc)) from None
+        return JSONResponse(result, status_code=201 if result["status"] == "declared" else 200)
+
+    @app.post(
+        "/v1/sites/{site}/disclosures",
+        tags=["federation"],
+        summary="Upload a site's disclosure x_tc (safetensors body)",
+        status_code=201,
+        responses={
+            200: {"description": "duplicate of an accepted upload"},
+            409: {"description": "config mismatch or already disclosed"},
+            413: {"description": "too large"},
+            422: {"description": "refused payload"},
+        },
+    )
+    async def upload_disclosure(site: str, request: Request) -> JSONResponse:
+        label = site if site in fed.sites else "unknown"
+        try:
+            auth.require_site(request, site, fed)
+            check_fingerprint(request, fed)
+            body = await read_body(request, state.ingestor.max_bytes)
+            metrics.bytes_received.labels(label).inc(len(body))
+            result = await run_in_threadpool(_ingest, state, site, body)
+        except (ApiError, DisclosureRejected) as exc:
+            metrics.disclosures.labels(label, "rejected", exc.reason).inc()
+            if isinstance(exc, DisclosureRejected):
+                raise ApiError(exc.status, exc.reason, str(exc)) from None
+            raise
+        except WireError as exc:
+            reason = "too-large" if isinstance(exc, PayloadTooLarge) else "bad-payload"
+            metrics.disclosures.labels(label, "rejected", reason).inc()
+            raise
+        outcome = "duplicate" if result["duplicate"] else "accepted"
+        metrics.disclosures.labels(site, outcome, "").inc()
+        if outcome == "accepted":
+            await run_in_threadpool(state.set_epsilon, site)
+        return JSONResponse(result, status_code=200 if result["duplicate"] else 201)
 
 
 def _ingest(state: _State, site: str, body: bytes) -> dict[str, Any]:

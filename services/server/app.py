@@ -49,6 +49,7 @@ from collafuse.services.settings import place_model
 from collafuse.solvers import Handoff, Spacing
 from collafuse.store import Store, StoreError, current_checkpoint, read_manifest
 from collafuse.training import (
+    SamplerOptions,
     SamplingPlan,
     build_server_model,
     make_plan,
@@ -268,20 +269,8 @@ def create_server_app(
         out = await _submit_watching(
             request, batcher.submit(body.site, fed.site_index(body.site), body.n, key)
         )
-        tensors = {"x_tc": out[:, 0]}
-        meta = {
-            "site": body.site,
-            "T": str(fed.T),
-            "t_cut": str(fed.t_cut),
-            "version": str(version),
-            "steps": str(server_nfe(key)),
-            "sampler": body.sampler,
-        }
-        if out.shape[1] == 2:  # the multistep state the site continues from
-            grid = _plan(fed, schedule, key).grid or list(range(fed.T, -1, -1))
-            tensors["x0_prev"] = out[:, 1]
-            meta["t_prev"] = str(grid[grid.index(fed.t_cut) - 1])
-        data = encode_tensors(tensors, fp16=body.fp16, metadata=meta)
+        meta = {"version": str(version), "steps": str(server_nfe(key))}
+        data = _handoff_payload(fed, schedule, key, body, out, meta)
         metrics.sample_requests.labels(body.site).inc()
         metrics.samples.labels(body.site).inc(body.n)
         metrics.bytes_sent.labels(body.site).inc(len(data))
@@ -314,34 +303,42 @@ def _plan_key(
         raise ApiError(422, "bad-request", f"eta is for ddim only, not {body.sampler!r}")
     if body.sampler == "ddpm" and body.spacing != "uniform":
         raise ApiError(422, "bad-request", "spacing 'logsnr' is for the solvers, not ddpm")
-    key = PlanKey(steps, body.sampler, body.spacing, body.eta, body.handoff)
+    key = PlanKey(steps, SamplerOptions(body.sampler, body.spacing, body.eta, body.handoff))
     _plan(fed, schedule, key)  # refuses what the grid refuses, before the request is queued
     return key
+
+
+def _handoff_payload(
+    fed: FederationConfig,
+    schedule: Schedule,
+    key: PlanKey,
+    body: SampleRequest,
+    out: Tensor,
+    meta: dict[str, str],
+) -> bytes:
+    """The answer to a sample request: ``x_tc`` (``out[:, 0]``) and, when the plan hands the
+    multistep state over, ``x0_prev`` (``out[:, 1]``) with the step it was made at."""
+    tensors = {"x_tc": out[:, 0]}
+    meta = {"site": body.site, "T": str(fed.T), "t_cut": str(fed.t_cut), **meta}
+    meta["sampler"] = body.sampler
+    if out.shape[1] == 2:
+        grid = _plan(fed, schedule, key).grid or list(range(fed.T, -1, -1))
+        tensors["x0_prev"] = out[:, 1]
+        meta["t_prev"] = str(grid[grid.index(fed.t_cut) - 1])
+    return encode_tensors(tensors, fp16=body.fp16, metadata=meta)
 
 
 class PlanKey(NamedTuple):
     """How the server samples a request (requests with equal keys share batches)."""
 
     steps: int | None
-    sampler: SamplerName
-    spacing: Spacing
-    eta: float
-    handoff: Handoff
+    options: SamplerOptions
 
 
 def _plan(fed: FederationConfig, schedule: Schedule, key: Hashable) -> SamplingPlan:
     if not isinstance(key, PlanKey):
         raise TypeError(f"not a PlanKey: {key!r}")
-    return make_plan(
-        fed,
-        schedule,
-        key.steps,
-        None,
-        sampler=key.sampler,
-        spacing=key.spacing,
-        eta=key.eta,
-        handoff=key.handoff,
-    )
+    return make_plan(fed, schedule, key.steps, None, key.options)
 
 
 async def _submit_watching(request: Request, work: Awaitable[Tensor]) -> Tensor:

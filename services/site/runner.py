@@ -16,6 +16,7 @@ The phases run in order in a thread: ``config`` -> ``disclosing`` -> ``training`
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -25,22 +26,23 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from collafuse.config import FederationConfig, SamplerName
+from collafuse.config import FederationConfig
 from collafuse.diffusion import sample_prior
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import make_schedule
 from collafuse.services.client import ServiceClient, ServiceError
 from collafuse.services.metrics import ServiceMetrics
 from collafuse.services.settings import place_model
-from collafuse.solvers import Handoff, SolverState, Spacing
+from collafuse.solvers import SolverState
 from collafuse.training import (
+    SamplerOptions,
     SamplingPlan,
     Trainer,
     atomic_write,
@@ -78,10 +80,8 @@ class SiteOptions:
     sample_request: int = 100  # hand-offs per request to the server
     server_steps: int | None = None  # respaced sampling (None: every step)
     site_steps: int | None = None
-    sampler: SamplerName = "ddpm"  # or a few-step solver (docs/samplers.md)
-    spacing: Spacing = "uniform"
-    eta: float = 0.0  # ddim only
-    handoff: Handoff = "restart"  # multistep solvers: restart at the cut, or "handoff"
+    # ddpm or a few-step solver (docs/samplers.md); frozen, so one shared default is safe
+    sampling: SamplerOptions = field(default_factory=SamplerOptions)
     clip_x0: bool = True
     fp16: bool = False  # disclosure and hand-offs as float16 on the wire
     prefetch: bool = True  # request the next hand-offs while finishing the current ones
@@ -403,16 +403,7 @@ class SiteRunner:
     def plan(self) -> SamplingPlan:
         """How this site samples (the server is asked for the same server part)."""
         opts = self.options
-        return make_plan(
-            self.fed,
-            self.schedule,
-            opts.server_steps,
-            opts.site_steps,
-            sampler=opts.sampler,
-            spacing=opts.spacing,
-            eta=opts.eta,
-            handoff=opts.handoff,
-        )
+        return make_plan(self.fed, self.schedule, opts.server_steps, opts.site_steps, opts.sampling)
 
     def _handoff_stream(self, sizes: list[int]) -> Iterator[tuple[Tensor, SolverState | None, int]]:
         """Hand-offs for requests of ``sizes``, in order. With ``prefetch`` the next request
@@ -450,10 +441,8 @@ class SiteRunner:
         }
         if opts.server_steps:
             request["steps"] = opts.server_steps
-        if opts.sampler != "ddpm":
-            request.update(
-                sampler=opts.sampler, spacing=opts.spacing, eta=opts.eta, handoff=opts.handoff
-            )
+        if opts.sampling.sampler != "ddpm":
+            request.update(dataclasses.asdict(opts.sampling))
         response = self.server.request("POST", "/v1/sample", json=request)
         sent = len(json.dumps(request))
         self.metrics.bytes_received.labels(opts.site).inc(len(response.content))

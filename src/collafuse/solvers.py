@@ -309,17 +309,7 @@ def solve(
             strictly above ``timesteps[0]``.
     """
     _check_sampler(sampler, eta, generator)
-    _check_level(schedule, ref_t, "ref_t")
-    steps = list(timesteps)
-    if not steps:
-        raise ValueError("timesteps must not be empty")
-    for t in steps:
-        _check_level(schedule, t, "a timestep")
-    for t, s in itertools.pairwise(steps):
-        if not t > s >= ref_t:
-            raise ValueError(f"bad step {t} -> {s} (reference level {ref_t})")
-    if state is not None and not state.t > steps[0]:
-        raise ValueError(f"the history's timestep {state.t} must exceed the start {steps[0]}")
+    steps = _checked_steps(schedule, timesteps, ref_t, state)
     model = full_chain_eps(eps_model, schedule, ref_t)
     n = x.shape[0]
     for t, s in itertools.pairwise(steps):
@@ -345,6 +335,25 @@ def solve(
             )
         state = SolverState(x0_hat=x0_hat, t=t)
     return x, state
+
+
+def _checked_steps(
+    schedule: Schedule, timesteps: Sequence[int], ref_t: int, state: SolverState | None
+) -> list[int]:
+    """``timesteps`` as a list, refused unless strictly descending to at least ``ref_t`` and
+    below the history's timestep."""
+    _check_level(schedule, ref_t, "ref_t")
+    steps = list(timesteps)
+    if not steps:
+        raise ValueError("timesteps must not be empty")
+    for t in steps:
+        _check_level(schedule, t, "a timestep")
+    for t, s in itertools.pairwise(steps):
+        if not t > s >= ref_t:
+            raise ValueError(f"bad step {t} -> {s} (reference level {ref_t})")
+    if state is not None and not state.t > steps[0]:
+        raise ValueError(f"the history's timestep {state.t} must exceed the start {steps[0]}")
+    return steps
 
 
 def _grid_or_full(schedule: Schedule, grid: Sequence[int] | None) -> list[int]:

@@ -273,17 +273,22 @@ class SamplingPlan:
         return self.sampler.startswith("dpmpp") and self.handoff == "handoff"
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How both halves sample, besides each side's step count (hashable: the server batches
+    requests by it)."""
+
+    sampler: SamplerName = "ddpm"
+    spacing: Spacing = "uniform"
+    eta: float = 0.0
+    handoff: Handoff = "restart"
+
+
 def sampling_plan(run: RunConfig, schedule: Schedule) -> SamplingPlan:
     """The run's sampling plan (see :func:`make_plan`)."""
+    options = SamplerOptions(run.sampler, run.spacing, run.sampler_eta, run.handoff)
     return make_plan(
-        run.federation,
-        schedule,
-        run.server_sample_steps,
-        run.site_sample_steps,
-        sampler=run.sampler,
-        spacing=run.spacing,
-        eta=run.sampler_eta,
-        handoff=run.handoff,
+        run.federation, schedule, run.server_sample_steps, run.site_sample_steps, options
     )
 
 
@@ -292,19 +297,16 @@ def make_plan(
     schedule: Schedule,
     server_steps: int | None,
     site_steps: int | None,
-    *,
-    sampler: SamplerName = "ddpm",
-    spacing: Spacing = "uniform",
-    eta: float = 0.0,
-    handoff: Handoff = "restart",
+    options: SamplerOptions | None = None,
 ) -> SamplingPlan:
     """ddpm on a uniformly respaced grid (None: every step), or a solver on its spacing.
     Each side's part of the grid depends only on that side's steps and the spacing, so the
     server and a site that agree on those agree on the grid."""
-    if sampler == "ddpm":
+    o = options or SamplerOptions()
+    if o.sampler == "ddpm":
         return SamplingPlan(sampling_grid(fed, server_steps, site_steps))
-    grid = solver_grid(schedule, fed.t_cut, server_steps, site_steps, spacing)
-    return SamplingPlan(grid, sampler, eta, handoff)
+    grid = solver_grid(schedule, fed.t_cut, server_steps, site_steps, o.spacing)
+    return SamplingPlan(grid, o.sampler, o.eta, o.handoff)
 
 
 def steps_per_sample(fed: FederationConfig, grid: Sequence[int] | None) -> tuple[int, int]:

@@ -82,6 +82,7 @@ def test_a_site_runner_finishes_with_the_same_plan(
     from collafuse.services.client import ServiceClient
     from collafuse.services.metrics import ServiceMetrics
     from collafuse.services.site.runner import SiteOptions, SiteRunner
+    from collafuse.training import SamplerOptions
 
     from .servicekit import TOKENS, images
 
@@ -93,9 +94,7 @@ def test_a_site_runner_finishes_with_the_same_plan(
         sample_request=4,
         server_steps=3,
         site_steps=4,
-        sampler="dpmpp-2m",
-        spacing="logsnr",
-        handoff=handoff,
+        sampling=SamplerOptions("dpmpp-2m", "logsnr", handoff=handoff),
         seed=0,
     )
     client = ServiceClient(server.url, TOKENS["site-a"], fingerprint=fed.fingerprint())

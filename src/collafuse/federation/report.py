@@ -67,6 +67,19 @@ def _fresh_noised(schedule: Schedule, x0: Tensor, t_cut: int, seed: int) -> Tens
     return disclose(schedule, x0, t_cut, torch.Generator().manual_seed(seed))
 
 
+def _formal(
+    fed: FederationConfig, schedule: Schedule, disclosures: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The accountant's numbers for the releases the ledger shows (the config's when none)."""
+    t_cut = fed.t_cut if fed.upload_mode != "noise-revealed" else 0
+    releases = fed.releases
+    if disclosures:
+        releases = max([1, *(int(e["releases"]) for e in disclosures.values())])
+    return account_cut(
+        schedule, t_cut, fed.pixels, releases, labels_shared=fed.share_labels
+    ).to_dict()
+
+
 def privacy_section(
     fed: FederationConfig,
     run: RunConfig,
@@ -84,15 +97,7 @@ def privacy_section(
     made (at least one), so the epsilon is that of what was disclosed."""
     exact_view = fed.upload_mode != "noise-revealed"
     abar_tc = schedule.abar(fed.t_cut) if exact_view else 1.0
-    t_cut = fed.t_cut if exact_view else 0
-    releases = (
-        max([1, *(int(e["releases"]) for e in disclosures.values())])
-        if disclosures
-        else fed.releases
-    )
-    acc = account_cut(
-        schedule, t_cut, fed.pixels, releases, labels_shared=fed.share_labels
-    ).to_dict()
+    acc = _formal(fed, schedule, disclosures)
     section: dict[str, Any] = {
         **acc,
         "upload_mode": fed.upload_mode,
