@@ -480,6 +480,7 @@ def _add_server(sub: Any) -> None:
 
 def _site(args: argparse.Namespace) -> int:
     from collafuse.data import load_dataset
+    from collafuse.data.shape import check_data_shape
     from collafuse.services.client import ServiceClient
     from collafuse.services.metrics import ServiceMetrics
     from collafuse.services.settings import ConfigError
@@ -502,7 +503,10 @@ def _site(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--site-id {args.site_id!r} is not in the federation ({', '.join(fed.sites)})"
         )
-    dataset = load_dataset(data)
+    dataset = load_dataset(  # the flags, else the run config's image_size / channels
+        data, size=args.image_size or run.image_size, channels=args.channels or run.channels
+    )
+    check_data_shape(dataset, fed.image_shape)  # before any training: the fix in one line
     server_url = args.server_url or settings.server_url
     options = SiteOptions(
         site=args.site_id,
@@ -567,6 +571,19 @@ def _add_site(sub: Any) -> None:
     p.add_argument("--site-id", required=True, help="this site's id in the federation")
     _add_listen(p, 8002)
     p.add_argument("--data", default=None, help="the site's images (default: $COLLAFUSE_DATA)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="bring the site's images to NxN (default: the run config's image_size, else as "
+        "they are); the federation's image_shape must agree",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        help="1 (grey) or 3 (RGB), converting as needed (default: the run config's channels)",
+    )
     p.add_argument(
         "--site-dir", default=None, help="private state folder (default: $COLLAFUSE_SITE_DIR)"
     )

@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from collafuse.cli import add_sampler_flags
+from collafuse.cli import add_data_flags, add_sampler_flags
 from collafuse.config import FederationConfig, RunConfig
 
 __all__ = [
@@ -90,7 +90,7 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-steps", type=int, help="optimizer steps of the server model")
     p.add_argument("--time-budget", type=float, help="seconds of training per model (a cap)")
     p.add_argument("--seed", type=int, help="shared seed (never used for disclosure noise)")
-    p.add_argument("--data", help="Fashion-MNIST idx folder, .npz or image folder")
+    add_data_flags(p)
     p.add_argument("--partition", choices=["iid", "label-skew", "dirichlet"])
     p.add_argument("--classes-per-site", type=int)
     p.add_argument("--alpha", type=float, help="Dirichlet concentration")
@@ -122,7 +122,7 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """The run config from ``--config`` and the flags, exactly as ``collafuse simulate``."""
-    from collafuse.cli import UsageError, build_run_config
+    from collafuse.cli import UsageError, build_run_config, check_evaluation
 
     if not 1 <= args.threads <= 64:
         raise ValueError(f"--threads must be in 1..64, got {args.threads}")
@@ -132,6 +132,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     args.threads = None  # simulate's --threads is the in-process count; ours is per process
     try:
         run: RunConfig = build_run_config(args)
+        check_evaluation(run)
     except UsageError as exc:
         raise ValueError(str(exc)) from None
     finally:
@@ -202,16 +203,11 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
     """Write everything the processes need under ``out`` and return their commands."""
     import numpy as np
 
-    from collafuse.data import load_dataset
-    from collafuse.federation.simulate import site_partitions
+    from collafuse.federation.simulate import load_run_data, site_partitions
     from collafuse.services.http import hash_token
 
     fed = run.federation
-    data = load_dataset(run.data)
-    if data.shape != tuple(fed.image_shape):
-        raise ValueError(
-            f"data images are {data.shape}; the federation expects {tuple(fed.image_shape)}"
-        )
+    data = load_run_data(run)  # DataError (a ValueError) names the fix
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(run.to_json_dict(), indent=2))
@@ -830,7 +826,7 @@ def evaluate(
             for k in ("disclosure", "sample_request", "handoff")
         },
     }
-    public = load_public_set(run.data)
+    public = load_public_set(run)
     grid = sampling_plan(run, schedule).grid
     report = build_report(
         fed,

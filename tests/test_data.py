@@ -164,9 +164,9 @@ def test_image_folder_classes(tmp_path: Path) -> None:
 def test_image_folder_flat_resize_rgb(tmp_path: Path) -> None:
     save_png(tmp_path / "x.png", 10, size=6)
     save_png(tmp_path / "y.png", 10, size=9)
-    with pytest.raises(DataError, match="size="):
+    with pytest.raises(DataError, match="--image-size"):
         load_image_folder(tmp_path)
-    ds = load_image_folder(tmp_path, size=4, grayscale=False)
+    ds = load_image_folder(tmp_path, size=4, channels=3)
     assert ds.images.shape == (2, 3, 4, 4) and ds.labels.tolist() == [0, 0]
 
 

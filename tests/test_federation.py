@@ -220,8 +220,8 @@ def _privacy(
         sites.append(SiteOutcome(site, (k,), x0[:8], x0[8:], x_tc, None, x0[:8], {}, 0, []))
     run = RunConfig(federation=fed, reid_pool=8, attack_steps=0)
     server = ServerOutcome(None, {}, 0, [])
-    no_extractor: Any = None  # no hand-offs: the published measures never run the network
-    return fed, privacy_section(fed, run, schedule, sites, server, None, no_extractor, disclosures)
+    no_suite: Any = None  # no hand-offs: the published measures never run a network
+    return fed, privacy_section(fed, run, schedule, sites, server, None, no_suite, disclosures)
 
 
 def test_report_counts_the_releases_the_ledger_shows() -> None:

@@ -69,6 +69,22 @@ def test_fid_matches_torchmetrics() -> None:
     assert frechet_distance(a, b) == pytest.approx(float(metric.compute()), rel=1e-4)
 
 
+@pytest.mark.parametrize(("n_a", "n_b"), [(30, 20), (2, 50), (49, 49)])
+def test_low_rank_fid_equals_the_full_covariance_formula(n_a: int, n_b: int) -> None:
+    """Fewer samples than dimensions (Inception's 2048 at a few hundred images): the
+    cross-product path gives the value of the D x D eigen-decomposition path."""
+    gen = torch.Generator().manual_seed(5)
+    d = 50
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    a = torch.randn(n_a, d, generator=gen, dtype=torch.float64) @ mix
+    b = torch.randn(n_b, d, generator=gen, dtype=torch.float64) + 0.3
+    x, y = a.numpy(), b.numpy()
+    full = gaussian_frechet_distance(
+        x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    )
+    assert frechet_distance(a, b) == pytest.approx(full, rel=1e-8)
+
+
 def test_kid_identical_zero_and_grows_with_shift() -> None:
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(400, 8, generator=gen)

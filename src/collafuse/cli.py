@@ -62,11 +62,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--server-steps", type=int, help="optimizer steps of the server model")
     p.add_argument("--time-budget", type=float, help="seconds of training per model (a cap)")
     p.add_argument("--seed", type=int, help="shared seed (never used for disclosure noise)")
-    p.add_argument(
-        "--data",
-        help="Fashion-MNIST idx folder, .npz or image folder "
-        "(default: Debian's dataset-fashion-mnist or $COLLAFUSE_DATA)",
-    )
+    add_data_flags(p)
     p.add_argument("--partition", choices=["iid", "label-skew", "dirichlet"])
     p.add_argument("--classes-per-site", type=int)
     p.add_argument("--alpha", type=float, help="Dirichlet concentration")
@@ -86,6 +82,48 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_simulate)
+
+
+def _image_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels, got {text!r}"
+        ) from None
+    if not 4 <= size <= 1024:
+        raise argparse.ArgumentTypeError(f"must be in 4..1024 pixels, got {size}")
+    return size
+
+
+def add_data_flags(p: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
+    """``--data``, ``--image-size`` and ``--channels`` (README, "Your own data"), and
+    ``--inception`` / ``--no-inception`` where the command evaluates."""
+    p.add_argument(
+        "--data",
+        help="Fashion-MNIST idx folder, .npz or image folder (one subfolder per class) "
+        "(default: Debian's dataset-fashion-mnist or $COLLAFUSE_DATA)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="N",
+        help="bring every image to NxN pixels (centre crop, bicubic; default: as the data are)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        help="1 (grey) or 3 (RGB), converting as needed (default: as the data are)",
+    )
+    if evaluation:
+        p.add_argument(
+            "--inception",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="Inception FID/KID in the report (default: when the Fashion-MNIST classifier "
+            "of the domain FID does not fit the images)",
+        )
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
@@ -152,17 +190,38 @@ def build_run_config(args: argparse.Namespace) -> Any:
         "site_train_steps": args.site_steps if args.site_steps is not None else args.steps,
         "server_train_steps": args.server_steps if args.server_steps is not None else args.steps,
     }
+    for key in ("image_size", "channels", "inception"):
+        flag_run[key] = getattr(args, key, None)
     if args.sample_steps:
         flag_run["server_sample_steps"], flag_run["site_sample_steps"] = args.sample_steps
     for flag, key in (("sampler", "sampler"), ("spacing", "spacing"), ("eta", "sampler_eta")):
         flag_run[key] = getattr(args, flag, None)
     flag_run["handoff"] = getattr(args, "handoff", None)
     run.update({k: v for k, v in flag_run.items() if v is not None})
+    if "image_shape" not in fed:
+        shape = data_shape(run.get("data"), run.get("image_size"), run.get("channels"))
+        if shape is not None:
+            fed["image_shape"] = shape
     run["federation"] = fed
     try:
         return RunConfig.model_validate(run)
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
+
+
+def data_shape(source: str | None, size: int | None, channels: int | None) -> list[int] | None:
+    """``[C, H, W]`` that ``source`` loads as with these options (the federation's
+    ``image_shape`` when the config does not set one; headers only where it can). ``None``
+    when the source cannot be read: loading it reports why, with the fix."""
+    from collafuse.data import DataError
+    from collafuse.data.inspect import loaded_shape
+
+    if size is not None and channels is not None:
+        return [channels, size, size]
+    try:
+        return list(loaded_shape(source, size=size, channels=channels))
+    except (DataError, ValueError):
+        return None
 
 
 def _one_line(e: ValidationError) -> str:
@@ -172,6 +231,23 @@ def _one_line(e: ValidationError) -> str:
         msg = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc != "config" else msg)
     return "invalid configuration: " + "; ".join(parts)
+
+
+def check_evaluation(run: Any) -> None:
+    """Refuse before any work when the report needs the Inception network and it is missing."""
+    from collafuse.eval.suite import inception_wanted
+
+    if not inception_wanted(run.federation.image_shape, run.inception):
+        return
+    from collafuse.eval.inception import InceptionUnavailable, find_weights
+
+    try:
+        find_weights()
+    except InceptionUnavailable as e:
+        raise UsageError(
+            f"{e}; or pass --no-inception (then a report on images other than Fashion-MNIST "
+            "has no quality metric)"
+        ) from None
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -190,20 +266,17 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from collafuse.data import DataError, load_dataset
-    from collafuse.federation.simulate import simulate
+    from collafuse.data import DataError
+    from collafuse.federation.simulate import load_run_data, simulate
 
     run = build_run_config(args)
     check_output_dir(args.out, args.overwrite)
     try:
-        data = load_dataset(run.data)
+        data = load_run_data(run)
+        check_evaluation(run)
     except DataError as e:
         raise UsageError(str(e)) from None
     fed = run.federation
-    if data.shape != tuple(fed.image_shape):
-        raise UsageError(
-            f"data images are {data.shape}; the federation expects {tuple(fed.image_shape)}"
-        )
     partial = args.out.with_name(args.out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -227,13 +300,19 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
     cfg, priv, cost = report["config"], report["privacy"], report["cost"]
     print(f"done in {seconds:.0f} s: {out}/report.json")
     print(f"  cut: client_fraction={cfg['client_fraction']:g} t_cut={cfg['t_cut']} T={cfg['T']}")
-    for s in report["sites"]:
+    pooled = report["pooled"]["quality"]
+    metric = pooled.get("metric", "domain")
+    if pooled.get("fid") is None:
+        print("  quality: no metric fits these images (see report.json: quality)")
+    for s in report["sites"] if pooled.get("fid") is not None else []:
         q = s["quality"]
         print(
-            f"  {s['site']}: FID {q['fid']:.2f}  KID {q['kid']:.4f}  "
+            f"  {s['site']}: {metric} FID {q['fid']:.2f} (real-data floor "
+            f"{_fmt(q.get('fid_floor'))})  KID {q['kid']:.4f}  "
             f"(n_real={q['n_real']}, n_fake={q['n_fake']})"
         )
-    print(f"  pooled FID {report['pooled']['quality']['fid']:.2f}")
+    if pooled.get("fid") is not None:
+        print(f"  pooled {metric} FID {pooled['fid']:.2f} (floor {_fmt(pooled.get('fid_floor'))})")
     eps = priv.get("epsilon")
     eps_px = priv.get("epsilon_per_pixel")
     print(
@@ -255,11 +334,45 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _add_data(sub: Any) -> None:
+    p = sub.add_parser(
+        "data",
+        help="look at a data source",
+        description="What a data source holds and what the loader makes of it.",
+    )
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = data_sub.add_parser(
+        "inspect",
+        help="count, classes, sizes and channels of a data source",
+        description="Per split: images, classes, native sizes and channels, and the shape "
+        "the loader makes with --image-size / --channels (or why it refuses, with the fix).",
+    )
+    q.add_argument("path", nargs="?", help="idx folder, .npz or image folder (default: as --data)")
+    q.add_argument("--image-size", type=_image_size, metavar="N")
+    q.add_argument("--channels", type=int, choices=[1, 3])
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(handler=cmd_data_inspect)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """``collafuse data inspect``: exit 0 when the train split loads, 2 when it is refused."""
+    from collafuse.data import DataError
+    from collafuse.data.inspect import format_info, inspect_source
+
+    try:
+        info = inspect_source(args.path, size=args.image_size, channels=args.channels)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
+    return 0 if info.splits[0].loads_as is not None else EXIT_USAGE
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collafuse", description="Split diffusion between sites and a server.")
     parser.add_argument("--log-level", default=os.environ.get("COLLAFUSE_LOG_LEVEL", "warning"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
+    _add_data(sub)
     from collafuse.experiments.cli import add_experiment_commands
 
     add_experiment_commands(sub)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collafuse.diffusion import Prediction, UploadMode
+from collafuse.presets import preset_for
 from collafuse.schedule import ScheduleKind, check_t_cut, cut_step
 from collafuse.solvers import SAMPLERS, Handoff, Sampler, Spacing
 from collafuse.unet import UNetSpec
@@ -36,13 +37,24 @@ class ModelConfig(BaseModel):
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention: bool = False
+    attention_levels: tuple[int, ...] = ()
 
     def spec(self) -> UNetSpec:
-        return UNetSpec(self.base_channels, self.channel_mults, self.num_res_blocks, self.attention)
+        return UNetSpec(
+            self.base_channels,
+            self.channel_mults,
+            self.num_res_blocks,
+            self.attention,
+            self.attention_levels,
+        )
+
+    @classmethod
+    def of(cls, spec: UNetSpec) -> ModelConfig:
+        return cls.model_validate(spec.to_dict())
 
 
-SITE_MODEL = ModelConfig(base_channels=16, channel_mults=(1, 2, 2))
-SERVER_MODEL = ModelConfig(base_channels=32, channel_mults=(1, 2, 2))
+SITE_MODEL = ModelConfig.of(preset_for((1, 28, 28)).site)
+SERVER_MODEL = ModelConfig.of(preset_for((1, 28, 28)).server)
 
 
 class FederationConfig(BaseModel):
@@ -50,7 +62,8 @@ class FederationConfig(BaseModel):
 
     Give ``client_fraction`` (the share ``c`` of steps run at the site) or ``t_cut`` (the
     canonical cut step); the other is derived, and both must agree if both are given.
-    ``t_cut = 0`` (the server sees raw images) needs ``centralized=True``.
+    ``t_cut = 0`` (the server sees raw images) needs ``centralized=True``. Models left out
+    are the preset of ``image_shape`` (:mod:`collafuse.presets`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -79,6 +92,11 @@ class FederationConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        shape = data.get("image_shape", (1, 28, 28))
+        if isinstance(shape, (list, tuple)) and len(shape) == 3:
+            preset = preset_for(tuple(int(v) for v in shape))
+            data.setdefault("site_model", ModelConfig.of(preset.site))
+            data.setdefault("server_model", ModelConfig.of(preset.server))
         T = int(data.get("T", 100))
         centralized = bool(data.get("centralized", False))
         c, t_cut = data.get("client_fraction"), data.get("t_cut", -1)
@@ -111,10 +129,27 @@ class FederationConfig(BaseModel):
                 raise ValueError(f"site id {s!r} must be 1-63 letters, digits or '-'")
         return sites
 
+    @field_validator("image_shape")
+    @classmethod
+    def _check_shape(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        c, h, w = shape
+        if c not in (1, 3) or h < 4 or w < 4:
+            raise ValueError(f"image_shape must be [1 or 3, H >= 4, W >= 4], got {list(shape)}")
+        return shape
+
     @model_validator(mode="after")
     def _check_combination(self) -> FederationConfig:
         if self.site_labels and self.num_classes < 2:
             raise ValueError("site_labels needs num_classes >= 2")
+        _, h, w = self.image_shape
+        for role, model in (("site_model", self.site_model), ("server_model", self.server_model)):
+            k = model.spec().downsampling
+            if h % k or w % k:
+                raise ValueError(
+                    f"{role} halves the resolution {len(model.channel_mults) - 1} times, so the "
+                    f"image sides must be divisible by {k}; {h}x{w} is not (choose another "
+                    "image size or fewer channel_mults)"
+                )
         return self
 
     @property
@@ -167,6 +202,12 @@ class RunConfig(BaseModel):
 
     federation: FederationConfig = FederationConfig()
     data: str | None = None  # None: Fashion-MNIST from Debian's package or COLLAFUSE_DATA
+    # bring the data to this square size / channel count (None: as the data are); the
+    # federation's image_shape follows (README, "Your own data")
+    image_size: int | None = Field(None, ge=4, le=1024)
+    channels: Literal[1, 3] | None = None
+    # Inception FID/KID in the report: None = when the domain classifier does not fit the data
+    inception: bool | None = None
     partition: Literal["iid", "label-skew", "dirichlet"] = "label-skew"
     classes_per_site: int = Field(3, ge=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
@@ -193,6 +234,21 @@ class RunConfig(BaseModel):
     attack_steps: int = Field(400, ge=0)
     torch_threads: int = Field(2, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> RunConfig:
+        c, h, w = self.federation.image_shape
+        if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"image_size {self.image_size} disagrees with federation.image_shape "
+                f"{[c, h, w]}; give one of them"
+            )
+        if self.channels is not None and c != self.channels:
+            raise ValueError(
+                f"channels {self.channels} disagrees with federation.image_shape {[c, h, w]}; "
+                "give one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_sampling(self) -> RunConfig:

@@ -23,13 +23,17 @@ class UNetSpec:
         channel_mults: channel multiplier per resolution level; each level after the first
             halves the resolution (28 -> 14 -> 7 for Fashion-MNIST).
         num_res_blocks: residual blocks per level.
-        attention: self-attention at the lowest resolution.
+        attention: self-attention in the middle block (the lowest resolution).
+        attention_levels: levels (0 = full resolution) whose residual blocks are each followed
+            by self-attention, on the way down and up (e.g. the 16x16 and 8x8 levels of a 64x64
+            model are 2 and 3; :mod:`collafuse.presets`).
     """
 
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attention: bool = False
+    attention_levels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.base_channels < 4 or self.base_channels % 4:
@@ -40,9 +44,24 @@ class UNetSpec:
             raise ValueError(f"channel_mults must be positive, got {self.channel_mults}")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mults)]
+        if bad:
+            raise ValueError(
+                f"attention_levels {bad} outside the {len(self.channel_mults)} levels "
+                f"0..{len(self.channel_mults) - 1}"
+            )
+
+    @property
+    def downsampling(self) -> int:
+        """Total downsampling factor: image sides must be divisible by it."""
+        return int(2 ** (len(self.channel_mults) - 1))
 
     def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "channel_mults": list(self.channel_mults)}
+        return {
+            **asdict(self),
+            "channel_mults": list(self.channel_mults),
+            "attention_levels": list(self.attention_levels),
+        }
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -108,12 +127,13 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         widths = [ch * m for m in spec.channel_mults]
-        self.down = nn.ModuleList()
+        self.down, self.down_attn = nn.ModuleList(), nn.ModuleList()
         self.downsample = nn.ModuleList()
         skip_widths, c = [ch], ch
         for level, w in enumerate(widths):
             for _ in range(spec.num_res_blocks):
                 self.down.append(ResBlock(c, w, emb_dim))
+                self.down_attn.append(self._attention(level, w))
                 c = w
                 skip_widths.append(c)
             last = level == len(widths) - 1
@@ -126,13 +146,20 @@ class UNet(nn.Module):
         self.mid_attn = Attention(c) if spec.attention else nn.Identity()
         self.mid2 = ResBlock(c, c, emb_dim)
 
-        self.up = nn.ModuleList()
-        for w in reversed(widths):
+        self.up, self.up_attn = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            w = widths[level]
             for _ in range(spec.num_res_blocks + 1):  # one extra block eats the level's input skip
                 self.up.append(ResBlock(c + skip_widths.pop(), w, emb_dim))
+                self.up_attn.append(self._attention(level, w))
                 c = w
         self.head = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, in_channels, 3, padding=1))
         self._levels = len(widths)
+
+    def _attention(self, level: int, channels: int) -> nn.Module:
+        """Self-attention after a block at ``level`` if the spec asks for it (Identity holds no
+        weights, so specs without attention keep their checkpoints' keys)."""
+        return Attention(channels) if level in self.spec.attention_levels else nn.Identity()
 
     def _embed(self, t: Tensor, y: Tensor | None) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.spec.base_channels))
@@ -146,19 +173,21 @@ class UNet(nn.Module):
         emb = self._embed(t, y)
         h = self.stem(x)
         skips = [h]
-        blocks = iter(self.down)
+        blocks = iter(zip(self.down, self.down_attn, strict=True))
         for level in range(self._levels):
             for _ in range(self.spec.num_res_blocks):
-                h = next(blocks)(h, emb)
+                block, attn = next(blocks)
+                h = attn(block(h, emb))
                 skips.append(h)
             if level < self._levels - 1:
                 h = self.downsample[level](h)
                 skips.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        ups = iter(self.up)
+        ups = iter(zip(self.up, self.up_attn, strict=True))
         for level in reversed(range(self._levels)):
             for _ in range(self.spec.num_res_blocks + 1):
-                h = next(ups)(torch.cat([h, skips.pop()], dim=1), emb)
+                block, attn = next(ups)
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             if level > 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
         return self.head(h)

@@ -89,7 +89,7 @@ def test_stack_run_end_to_end(fashion_mnist, tmp_path):
         timeout=400,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "report written" in done.stderr and "pooled FID" in done.stdout
+    assert "report written" in done.stderr and "pooled domain FID" in done.stdout
     report = json.loads((out / "report.json").read_text())
     for key in (
         "schema_version",

@@ -63,13 +63,31 @@ def gaussian_frechet_distance(
     return max(value, 0.0)
 
 
+def _low_rank_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`frechet_distance` through the ``[N_a, N_b]`` cross-product (see there)."""
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    scale = (len(a) - 1) * (len(b) - 1)
+    tr_covmean = float(np.linalg.svd(xa @ xb.T, compute_uv=False).sum()) / np.sqrt(scale)
+    tr_a = float((xa * xa).sum()) / (len(a) - 1)
+    tr_b = float((xb * xb).sum()) / (len(b) - 1)
+    diff = a.mean(0) - b.mean(0)
+    return max(float(diff @ diff) + tr_a + tr_b - 2.0 * tr_covmean, 0.0)
+
+
 def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
     """FID between two feature sets ``[N_a, D]`` and ``[N_b, D]`` (N >= 2 each), in float64.
 
-    Uses the sample means and unbiased covariances; the result is clipped at 0.
+    Uses the sample means and unbiased covariances; the result is clipped at 0. With fewer
+    samples than dimensions (a few hundred Inception features of width 2048) the covariances
+    have low rank and the same value is computed exactly without any ``D x D`` matrix: with
+    centred features ``X_a [N_a, D]``, the non-zero eigenvalues of ``S_a S_b`` are the squared
+    singular values of ``X_a X_b^T`` over ``(N_a - 1)(N_b - 1)``, so
+    ``Tr((S_a S_b)^{1/2}) = ||X_a X_b^T||_* / sqrt((N_a - 1)(N_b - 1))`` (the nuclear norm).
     """
     a, b = _features_f64(feat_a, "feat_a"), _features_f64(feat_b, "feat_b")
     _check_pair(a, b, min_n=2)
+    if max(len(a), len(b)) < a.shape[1]:
+        return _low_rank_frechet(a, b)
     return gaussian_frechet_distance(
         a.mean(0), np.cov(a, rowvar=False, ddof=1).reshape(a.shape[1], a.shape[1]),
         b.mean(0), np.cov(b, rowvar=False, ddof=1).reshape(b.shape[1], b.shape[1]),

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collafuse.cli import UsageError, add_sampler_flags
+from collafuse.cli import UsageError, add_data_flags, add_sampler_flags
 
 # Flags of ``collafuse simulate`` that build_run_config reads; the sweep sets the cut itself.
 _RUN_FLAGS = [
@@ -22,6 +22,9 @@ _RUN_FLAGS = [
     "seed",
     "sites",
     "data",
+    "image_size",
+    "channels",
+    "inception",
     "partition",
     "classes_per_site",
     "alpha",
@@ -88,7 +91,7 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
     p.add_argument("--T", dest="T", type=int, help="diffusion steps")
     p.add_argument("--sites", type=int, help="number of sites (default 3)")
-    p.add_argument("--data", help="data source (default Fashion-MNIST)")
+    add_data_flags(p)
     p.add_argument("--images-per-site", type=int)
     p.add_argument("--samples-per-site", type=int)
     p.add_argument("--batch-size", type=int)
@@ -126,9 +129,11 @@ def sweep_run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from collafuse.data import DataError, load_dataset
+    from collafuse.cli import check_evaluation
+    from collafuse.data import DataError
     from collafuse.experiments.sweep import SweepError, plan_sweep, run_sweep
     from collafuse.experiments.tables import write_summary
+    from collafuse.federation.simulate import load_run_data
 
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
@@ -157,7 +162,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
     try:
-        data = load_dataset(base.data)
+        data = load_run_data(base)
+        check_evaluation(base)
     except DataError as e:
         raise UsageError(str(e)) from None
     print(f"collafuse sweep: {len(points)} points into {args.out}", file=sys.stderr)

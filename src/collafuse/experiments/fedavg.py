@@ -29,9 +29,10 @@ from torch import Tensor
 
 import collafuse
 from collafuse.config import FederationConfig, ModelConfig, RunConfig
-from collafuse.data import DataError, Dataset, load_dataset
+from collafuse.data import Dataset
+from collafuse.data.shape import check_data_shape
 from collafuse.diffusion import ddpm_sample, sample_prior, site_loss
-from collafuse.eval.quality import FeatureExtractor, domain_fid_kid
+from collafuse.eval.suite import MetricSuite, floor_images, metric_suite, quality_report
 from collafuse.experiments.flops import forward_flops, train_step_flops
 from collafuse.federation.report import (
     MIA_PER_SITE,
@@ -42,7 +43,7 @@ from collafuse.federation.report import (
     save_loss_plot,
     save_samples,
 )
-from collafuse.federation.simulate import site_partitions
+from collafuse.federation.simulate import load_run_data, site_partitions
 from collafuse.schedule import make_schedule
 from collafuse.training import Trainer, atomic_write, bind, model_to_bytes, site_eps_model
 from collafuse.unet import UNet
@@ -119,21 +120,13 @@ def compute_matched_steps(run: RunConfig, model: ModelConfig | None = None) -> t
     return steps, note
 
 
-def _quality(real: Tensor, fake: Tensor, extractor: FeatureExtractor, seed: int) -> dict[str, Any]:
-    """Same settings as the CollaFuse report's quality section."""
-    n = min(len(real), len(fake))
-    return domain_fid_kid(
-        real, fake, extractor, kid_subsets=10, kid_subset_size=min(100, n), seed=seed
-    )
-
-
 def run_fedavg(
     run: RunConfig,
     cfg: FedAvgConfig,
     out: Path,
     *,
     data: Dataset | None = None,
-    extractor: FeatureExtractor | None = None,
+    suite: MetricSuite | None = None,
 ) -> dict[str, Any]:
     """Train and sample the FedAvg baseline; writes ``out/report.json``; returns the report."""
     started = time.perf_counter()
@@ -141,9 +134,8 @@ def run_fedavg(
     fed = run.federation
     model_cfg = cfg.model or fed.site_model
     schedule = make_schedule(fed.schedule, fed.T)
-    data = data if data is not None else load_dataset(run.data)
-    if data.shape != fed.image_shape:
-        raise DataError(f"data images are {data.shape}, the federation expects {fed.image_shape}")
+    data = data if data is not None else load_run_data(run)
+    check_data_shape(data, fed.image_shape)
     parts = site_partitions(run, data)
     train = [data.subset(p.train) for p in parts]
     heldout = [data.subset(p.heldout) for p in parts]
@@ -191,7 +183,17 @@ def run_fedavg(
         samples[site] = _sample(global_ema, fed, schedule, k, run, generator)
         sample_seconds[site] = time.perf_counter() - start
 
-    extractor = extractor or FeatureExtractor()
+    suite = suite or metric_suite(fed.image_shape, run.inception)
+    quality, pooled = quality_report(  # the same metrics and settings as CollaFuse's report
+        {site: heldout[k].images for k, site in enumerate(fed.sites)},
+        samples,
+        {
+            site: floor_images(train[k].images, len(samples[site]), fed.seed)
+            for k, site in enumerate(fed.sites)
+        },
+        suite,
+        fed.seed,
+    )
     site_rows = []
     for k, site in enumerate(fed.sites):
         losses = trainers[k].losses
@@ -201,7 +203,7 @@ def run_fedavg(
                 "classes": sorted(int(c) for c in train[k].labels.unique()),
                 "n_train": len(train[k]),
                 "n_heldout": len(heldout[k]),
-                "quality": _quality(heldout[k].images, samples[site], extractor, fed.seed),
+                "quality": quality[site],
                 "compute_seconds": {"train": train_seconds[site], "sample": sample_seconds[site]},
                 "nfe": fed.T * len(samples[site]),
                 "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
@@ -209,8 +211,6 @@ def run_fedavg(
                 "bytes_downloaded": downloaded[site],
             }
         )
-    real = torch.cat([h.images for h in heldout])
-    fake = torch.cat(list(samples.values()))
     shape = fed.image_shape
     step_flops = train_step_flops(model_cfg, shape, run.batch_size, n_cond)
     fwd = forward_flops(model_cfg, shape, n_cond) * fed.T
@@ -240,7 +240,7 @@ def run_fedavg(
             },
         },
         "sites": site_rows,
-        "pooled": {"quality": _quality(real, fake, extractor, fed.seed)},
+        "pooled": {"quality": pooled},
         "privacy": {
             "applicable": False,
             "epsilon": None,
@@ -288,7 +288,7 @@ def run_fedavg(
                 "server_train_total": 0,
                 "site_sample_per_image": fwd,
                 "server_sample_per_image": 0,
-                "site_sample_total": fwd * len(fake),
+                "site_sample_total": fwd * sum(len(v) for v in samples.values()),
                 "server_sample_total": 0,
             },
         },

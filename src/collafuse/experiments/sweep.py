@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from collafuse.config import RunConfig
-from collafuse.data import Dataset, load_dataset
+from collafuse.data import Dataset
 from collafuse.experiments.fedavg import FedAvgConfig, compute_matched_steps, run_fedavg
 from collafuse.experiments.flops import collafuse_flops
 from collafuse.experiments.tables import write_summary
+from collafuse.federation.simulate import load_run_data
 from collafuse.training import atomic_write
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def run_sweep(
         ).encode(),
     )
     if todo and data is None:
-        data = load_dataset(todo[0].run.data)
+        data = load_run_data(todo[0].run)
     longest = 0.0
     for i, p in enumerate(todo):
         elapsed = time.perf_counter() - started

@@ -23,6 +23,17 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
+def _mean(values: list[Any]) -> float | None:
+    """Mean of ``values``; None when empty or when any is missing (a metric that did not run)."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(sum(values)) / len(values)
+
+
+def _sum(values: list[Any]) -> float | None:
+    return None if any(v is None for v in values) else float(sum(values))
+
+
 def _seconds(entry: dict[str, float] | None) -> float:
     return float(sum(entry.values())) if entry else 0.0
 
@@ -64,14 +75,19 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
             "site": max(report["training"]["site_steps"].values(), default=0),
             "server": report["training"]["server_steps"],
         },
+        "quality_metric": report["pooled"]["quality"].get("metric", "domain"),
         "fid_by_site": {s["site"]: s["quality"]["fid"] for s in sites},
         "kid_by_site": {s["site"]: s["quality"]["kid"] for s in sites},
-        "fid_site_mean": sum(s["quality"]["fid"] for s in sites) / n_sites,
-        "kid_sum": sum(s["quality"]["kid"] for s in sites),
+        "fid_site_mean": _mean([s["quality"]["fid"] for s in sites]),
+        "kid_sum": _sum([s["quality"]["kid"] for s in sites]),
         "fid_pooled": report["pooled"]["quality"]["fid"],
         "kid_pooled": report["pooled"]["quality"]["kid"],
-        "fid_pooled_inception": _get(report, "pooled", "inception", "fid"),
-        "fid_pooled_inception_floor": _get(report, "pooled", "inception", "fid_real_floor"),
+        # in the report since image shapes other than Fashion-MNIST's; before, added later by
+        # `collafuse inception` under pooled.inception
+        "fid_pooled_inception": _get(report, "pooled", "quality", "inception", "fid")
+        or _get(report, "pooled", "inception", "fid"),
+        "fid_pooled_inception_floor": _get(report, "pooled", "quality", "inception", "fid_floor")
+        or _get(report, "pooled", "inception", "fid_real_floor"),
         "n_fake_per_site": sites[0]["quality"]["n_fake"],
         "epsilon": priv.get("epsilon"),
         "epsilon_per_pixel": priv.get("epsilon_per_pixel"),
@@ -83,9 +99,7 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "reidentification_chance": priv.get("reidentification_chance"),
         "mia_auc": mia.get("auc"),
         "mia_tpr_at_1pct_fpr": mia.get("tpr_at_1pct_fpr"),
-        "published_kid_handoff": (
-            sum(v["kid_handoff_vs_data"] for v in pub.values()) / len(pub) if pub else None
-        ),
+        "published_kid_handoff": _mean([v["kid_handoff_vs_data"] for v in pub.values()]),
         "published_mse_handoff": (
             sum(v["mse_handoff_vs_data"] for v in pub.values()) / len(pub) if pub else None
         ),

@@ -20,7 +20,8 @@ import collafuse
 from collafuse.config import FederationConfig, RunConfig
 from collafuse.diffusion import EpsModel, disclose
 from collafuse.eval.classifier import classifier_info
-from collafuse.eval.quality import FeatureExtractor, domain_fid_kid, mean_pairwise_mse
+from collafuse.eval.quality import kernel_inception_distance, mean_pairwise_mse
+from collafuse.eval.suite import MetricSuite, floor_images, metric_suite, quality_report
 from collafuse.privacy import attacks
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import Schedule
@@ -55,13 +56,6 @@ class ServerOutcome:
     losses: list[float]
 
 
-def _quality(real: Tensor, fake: Tensor, extractor: FeatureExtractor, seed: int) -> dict[str, Any]:
-    n = min(len(real), len(fake))
-    return domain_fid_kid(
-        real, fake, extractor, kid_subsets=10, kid_subset_size=min(100, n), seed=seed
-    )
-
-
 def _fresh_noised(schedule: Schedule, x0: Tensor, t_cut: int, seed: int) -> Tensor:
     """Held-out images noised to the cut, as a site would have disclosed them."""
     return disclose(schedule, x0, t_cut, torch.Generator().manual_seed(seed))
@@ -87,7 +81,7 @@ def privacy_section(
     sites: list[SiteOutcome],
     server: ServerOutcome,
     public: Tensor | None,
-    extractor: FeatureExtractor,
+    suite: MetricSuite,
     disclosures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Formal accounting plus the empirical attacks of docs/method.md §5, pooled over sites.
@@ -125,10 +119,10 @@ def privacy_section(
     x0 = torch.cat([s.train_images for s in disclosed])
     x_tc = torch.cat([s.disclosed for s in disclosed if s.disclosed is not None])
     heldout = torch.cat([s.heldout_images for s in disclosed])
-    section.update(_reconstruction(x0, x_tc, abar_tc, public, run, fed.seed))
+    section.update(_reconstruction(x0, x_tc, abar_tc, public, heldout, run, fed.seed))
     section.update(_reidentification(x0, x_tc, heldout, abar_tc, run, fed.seed))
     section["membership_inference"] = _membership(fed, schedule, disclosed, server)
-    section["published_measures"] = _published_measures(sites, extractor, fed.seed)
+    section["published_measures"] = _published_measures(sites, suite, fed.seed)
     fresh = _fresh_noised(schedule, heldout, fed.t_cut, fed.seed + 7)
     handoffs = [s.handoffs for s in sites if s.handoffs is not None]
     section["memorisation"] = (
@@ -140,9 +134,27 @@ def privacy_section(
 
 
 def _reconstruction(
-    x0: Tensor, x_tc: Tensor, abar_tc: float, public: Tensor | None, run: RunConfig, seed: int
+    x0: Tensor,
+    x_tc: Tensor,
+    abar_tc: float,
+    public: Tensor | None,
+    heldout: Tensor,
+    run: RunConfig,
+    seed: int,
 ) -> dict[str, Any]:
+    """The strongest reconstruction we have: rescaling, and a denoiser trained on public data
+    (the source's test split; without one, the sites' held-out images stand in for it)."""
     n = min(len(x0), 1000)
+    if public is not None:
+        public_set = f"test split of the data source ({len(public)} images no site owns)"
+    else:
+        public, public_set = (
+            heldout,
+            (
+                f"no test split: the sites' {len(heldout)} held-out images (never disclosed, same "
+                "distribution) stood in for the attacker's public data"
+            ),
+        )
     rec: dict[str, Any]
     if abar_tc >= 1.0:  # raw images (or exactly recoverable ones) reached the server
         rec = {
@@ -157,11 +169,7 @@ def _reconstruction(
         if public is not None and run.attack_steps > 0:
             denoiser = attacks.train_public_denoiser(public, abar_tc, run.attack_steps, seed)
         rec = dict(attacks.reconstruction_report(x0[:n], x_tc[:n], abar_tc, denoiser))
-    rec["public_set"] = (
-        f"test split of the data source ({len(public)} images no site owns)"
-        if public is not None
-        else None
-    )
+    rec["public_set"] = public_set if rec.get("denoiser_psnr") is not None else None
     best = max(float(v) for v in (rec["rescale_psnr"], rec["denoiser_psnr"]) if v is not None)
     return {"reconstruction_psnr": best, "reconstruction": rec}
 
@@ -232,18 +240,25 @@ def membership_attack(
     return attacks.membership_inference(torch.cat(members), torch.cat(others))
 
 
-def _published_measures(
-    sites: list[SiteOutcome], extractor: FeatureExtractor, seed: int
-) -> dict[str, Any]:
-    """The published system's disclosure measures: KID and mean pairwise MSE between the
-    server's hand-offs and each site's data."""
+def _published_measures(sites: list[SiteOutcome], suite: MetricSuite, seed: int) -> dict[str, Any]:
+    """The published system's disclosure measures: KID (the primary metric's features; the
+    hand-offs against as many of the site's training images) and mean pairwise MSE (all of
+    them) between the server's hand-offs and each site's data."""
     out: dict[str, Any] = {}
     for s in sites:
         if s.handoffs is None:
             continue
-        q = _quality(s.train_images, s.handoffs.clamp(-1, 1), extractor, seed)
+        kid, features = None, suite.metrics.get(suite.primary) if suite.primary else None
+        if features is not None:
+            train = floor_images(s.train_images, len(s.handoffs), seed)
+            f_data, f_hand = features(train), features(s.handoffs.clamp(-1, 1))
+            n = min(len(f_data), len(f_hand))
+            kid, _ = kernel_inception_distance(
+                f_data, f_hand, subsets=10, subset_size=min(100, n), seed=seed
+            )
         out[s.site] = {
-            "kid_handoff_vs_data": q["kid"],
+            "kid_handoff_vs_data": kid,
+            "kid_metric": suite.primary,
             "mse_handoff_vs_data": mean_pairwise_mse(s.handoffs, s.train_images),
         }
     return out
@@ -260,12 +275,20 @@ def build_report(
     ledger: dict[str, Any],
     grid: list[int] | None,
     wall_seconds: float,
-    extractor: FeatureExtractor | None = None,
+    suite: MetricSuite | None = None,
     disclosures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The run's report (see README, "report.json"); ``disclosures`` is the disclosure
-    ledger (see :func:`privacy_section`)."""
-    extractor = extractor or FeatureExtractor()
+    """The run's report (see README, "report.json"); ``suite`` the quality metrics (by
+    default those that fit the images, :mod:`collafuse.eval.suite`); ``disclosures`` the
+    disclosure ledger (see :func:`privacy_section`)."""
+    suite = suite or metric_suite(fed.image_shape, run.inception)
+    quality, pooled = quality_report(
+        {s.site: s.heldout_images for s in sites},
+        {s.site: s.samples for s in sites},
+        {s.site: floor_images(s.train_images, len(s.samples), fed.seed) for s in sites},
+        suite,
+        fed.seed,
+    )
     site_rows = []
     for s in sites:
         site_rows.append(
@@ -274,7 +297,7 @@ def build_report(
                 "classes": list(s.classes),
                 "n_train": len(s.train_images),
                 "n_heldout": len(s.heldout_images),
-                "quality": _quality(s.heldout_images, s.samples, extractor, fed.seed),
+                "quality": quality[s.site],
                 "compute_seconds": s.compute_seconds,
                 "nfe": s.nfe,
                 "final_loss": _tail_mean(s.losses),
@@ -282,8 +305,6 @@ def build_report(
                 "bytes_downloaded": ledger["downloaded_by_site"].get(s.site, 0),
             }
         )
-    real = torch.cat([s.heldout_images for s in sites])
-    fake = torch.cat([s.samples for s in sites])
     n_server_steps, n_site_steps = steps_per_sample(fed, grid)
     n_disclosed = sum(len(s.disclosed) for s in sites if s.disclosed is not None)
     upload_bytes = sum(ledger["uploaded_by_site"].values())
@@ -301,10 +322,8 @@ def build_report(
             "config_fingerprint": fed.fingerprint(),
         },
         "sites": site_rows,
-        "pooled": {"quality": _quality(real, fake, extractor, fed.seed)},
-        "privacy": privacy_section(
-            fed, run, schedule, sites, server, public, extractor, disclosures
-        ),
+        "pooled": {"quality": pooled},
+        "privacy": privacy_section(fed, run, schedule, sites, server, public, suite, disclosures),
         "cost": {
             "site_nfe_per_sample": n_site_steps,
             "server_nfe_per_sample": n_server_steps,
@@ -390,7 +409,7 @@ def load_samples(path: Path) -> dict[str, Tensor]:
 
 
 def save_grid(path: Path, images: Tensor, title: str = "", ncol: int = 8) -> None:
-    """A PNG grid of ``images [N, 1, H, W]`` in [-1, 1]."""
+    """A PNG grid of ``images [N, 1 or 3, H, W]`` in [-1, 1] (grey or colour)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,7 +421,11 @@ def save_grid(path: Path, images: Tensor, title: str = "", ncol: int = 8) -> Non
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            ax.imshow(((images[i, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            pixels = ((images[i] + 1) / 2).clamp(0, 1)  # [C, H, W]
+            if pixels.shape[0] == 1:
+                ax.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(pixels.permute(1, 2, 0).numpy(), interpolation="nearest")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from collafuse.config import FederationConfig, RunConfig
-from collafuse.data import DataError, Dataset, SitePartition, load_dataset, partition
+from collafuse.data import DataError, Dataset, SitePartition, Split, load_dataset, partition
+from collafuse.data.shape import check_data_shape
 from collafuse.diffusion import sample_prior
 from collafuse.federation.messages import ByteLedger, HandOff
 from collafuse.federation.report import ServerOutcome, SiteOutcome, build_report, write_report
@@ -42,10 +43,22 @@ class SimulationResult:
     report: dict[str, Any]
 
 
-def load_public_set(source: str | None) -> Dataset | None:
+def load_run_data(run: RunConfig, split: Split = "train") -> Dataset:
+    """The run's data (``run.data``), brought to ``run.image_size`` / ``run.channels``.
+
+    Raises:
+        DataError: a missing or malformed source, or images that are not the federation's
+            ``image_shape`` (the message names the flags that convert them).
+    """
+    data = load_dataset(run.data, split, size=run.image_size, channels=run.channels)
+    check_data_shape(data, run.federation.image_shape)
+    return data
+
+
+def load_public_set(run: RunConfig) -> Dataset | None:
     """The attacker's public data: the test split of the same source, when it has one."""
     try:
-        return load_dataset(source, split="test")
+        return load_run_data(run, split="test")
     except DataError:
         return None
 
@@ -91,9 +104,8 @@ def simulate(
     torch.set_num_threads(run.torch_threads)
     fed = run.federation
     schedule = make_schedule(fed.schedule, fed.T)
-    data = data if data is not None else load_dataset(run.data)
-    if data.shape != fed.image_shape:
-        raise DataError(f"data images are {data.shape}, the federation expects {fed.image_shape}")
+    data = data if data is not None else load_run_data(run)
+    check_data_shape(data, fed.image_shape)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(run.to_json_dict(), indent=2).encode())
     sites = make_sites(fed, run, data, out)
@@ -150,7 +162,7 @@ def simulate(
         nfe=server.nfe,
         losses=server_losses,
     )
-    public = load_public_set(run.data)
+    public = load_public_set(run)
     report = build_report(
         fed,
         run,
