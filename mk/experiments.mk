@@ -83,3 +83,28 @@ experiments-publish:
 		mkdir -p $$dst/plots; cp $$src/seeds.json $$src/seeds.md $$dst/; \
 		cp $$src/plots/seeds_fid.png $$dst/plots/; \
 	done
+
+# Your own colour images (README, "Your own data"; docs/results.md, "Colour images"): Noto emoji
+# from Debian's ruby-tanuki-emoji as seven class folders, and the federation on them with the
+# defaults of `make run` at 3x32x32, and at 1x64x64 with fewer steps and a few-step sampler.
+COLOUR_PKG ?= ruby-tanuki-emoji=0.6.0-2
+COLOUR_DATA ?= .cache/emoji
+COLOUR_OUT ?= runs/colour
+COLOUR_64_ARGS ?= --steps 250 --samples-per-site 100 --sampler dpmpp-2m-sde --sample-steps 10 10
+
+.PHONY: colour-data colour-run colour-run-64
+
+colour-data: $(STAMP)  ## Noto emoji (Debian's ruby-tanuki-emoji) as class folders in COLOUR_DATA
+	@if [ -d /usr/share/rubygems-integration/all/gems/tanuki_emoji-0.6.0 ]; then root=/; else \
+	  mkdir -p .cache/colour-pkg && cd .cache/colour-pkg && \
+	  { ls ruby-tanuki-emoji_*.deb >/dev/null 2>&1 || apt-get download $(COLOUR_PKG); } && \
+	  dpkg-deb -x ruby-tanuki-emoji_*.deb . && cd ../.. && root=.cache/colour-pkg; fi; \
+	$(PY) scripts/emoji_data.py --out $(COLOUR_DATA) --package-root $$root
+
+colour-run: $(STAMP)  ## the federation on COLOUR_DATA at 3x32x32 (make colour-data first)
+	$(VENV)/bin/collafuse stack run --out $(COLOUR_OUT)-32 --overwrite --data $(COLOUR_DATA) \
+	  --image-size 32 --channels 3 $(RUN_ARGS)
+
+colour-run-64: $(STAMP)  ## the same at 1x64x64 (grey), fewer steps and a few-step sampler
+	$(VENV)/bin/collafuse stack run --out $(COLOUR_OUT)-64 --overwrite --data $(COLOUR_DATA) \
+	  --image-size 64 --channels 1 $(COLOUR_64_ARGS) $(RUN_ARGS)

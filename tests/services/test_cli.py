@@ -110,3 +110,26 @@ def test_a_service_refuses_a_config_that_differs_from_the_coordinators(
         _fails(capsys, ["server", "serve", "--config", str(mine)], "t_cut: 16 != 10")
         monkeypatch.setenv("COLLAFUSE_ADMIN_TOKEN", "wrong")
         _fails(capsys, ["server", "serve"], "401")
+
+
+def test_site_refuses_images_of_the_wrong_shape_before_any_work(capsys, monkeypatch, tmp_path):
+    """A site whose images are not the federation's shape stops in one line naming the flags
+    that convert them, with nothing written to its private folder."""
+    from imagesets import write_shapes
+
+    from collafuse.services.http import Auth, hash_token
+    from collafuse.store import FileStore
+
+    from .servicekit import TOKENS, coordinator_app, live, tiny_fed
+
+    fed = tiny_fed(image_shape=(1, 16, 16))
+    auth = Auth({s: hash_token(t) for s, t in TOKENS.items()}, "admin-token-for-tests")
+    data = write_shapes(tmp_path / "rgb", per_class=2)  # 3x40x40
+    site_dir = tmp_path / "state"
+    with live(coordinator_app(fed, FileStore(tmp_path / "store"), auth)) as coordinator:
+        monkeypatch.setenv("COLLAFUSE_SITE_TOKEN", TOKENS["site-a"])
+        monkeypatch.setenv("COLLAFUSE_COORDINATOR_URL", coordinator.url)
+        argv = ["site", "--site-id", "site-a", "--data", str(data), "--site-dir", str(site_dir)]
+        _fails(capsys, argv, "--channels 1 --image-size 16")
+        _fails(capsys, [*argv, "--image-size", "16"], "--channels 1 --image-size 16")
+    assert not site_dir.exists() or not any(site_dir.iterdir())

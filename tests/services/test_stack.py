@@ -118,6 +118,33 @@ def test_stack_run_end_to_end(fashion_mnist, tmp_path):
 
 
 @pytest.mark.slow
+def test_stack_run_on_rgb_images(tmp_path):
+    """Your own colour images over real HTTP: a folder of 40x40 RGB PNGs run at 3x32x32."""
+    from imagesets import write_shapes
+
+    data = write_shapes(tmp_path / "shapes", per_class=48)
+    out = tmp_path / "rgb"
+    flags = ["--data", str(data), "--image-size", "32", "--channels", "3"]
+    done = subprocess.run(
+        _cli("stack", "run", "--out", str(out), "--config", str(_config(tmp_path)), *flags),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pooled inception FID" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["federation"]["image_shape"] == [3, 32, 32]
+    pooled = report["pooled"]["quality"]
+    assert pooled["metric"] == "inception" and pooled["fid"] > 0 and pooled["fid_floor"] > 0
+    assert pooled["domain"]["applicable"] is False
+    assert report["cost"]["bytes"]["uploaded_by_site"]["site-0"] > 60 * 3072 * 4 * 0.8 * 0.9
+    assert report["privacy"]["reidentification_top1"] is not None
+    assert stack_processes(out) == []
+
+
+@pytest.mark.slow
 def test_stack_up_and_down(fashion_mnist, tmp_path):
     out = tmp_path / "up"
     up = subprocess.run(
