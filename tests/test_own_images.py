@@ -155,3 +155,18 @@ def test_quality_report_metrics_and_floor() -> None:
     assert pooled["n_real"] == 60 and pooled["n_floor"] == 40
     none = metric_suite((3, 8, 8), False)
     assert none.primary is None and quality_report(real, fake, floor, none, 0)[1]["fid"] is None
+
+
+def test_each_image_set_goes_through_the_network_once() -> None:
+    seen: list[int] = []
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return x.flatten(1)[:, :8]
+
+    suite = metric_suite((3, 8, 8), True, inception_features=counting)
+    features = suite.metrics["inception"]
+    x, y = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
+    assert torch.equal(features(x), features(x)) and seen == [5]
+    features(y)
+    assert seen == [5, 5]

@@ -127,9 +127,14 @@ def evaluate_sweep(
     from collafuse.experiments.tables import write_summary
 
     points = [sweep / "points" / n for n in names]
-    for p in points:
-        _point_files(p)  # fail before any work on a bad name
-    extractor, data = InceptionFeatures(), load_dataset(data_source)
+    runs = [_point_files(p)[1] for p in points]  # fail before any work on a bad name
+    first = runs[0] if runs else None
+    data = load_dataset(  # the points' data as they loaded it (their size and channels)
+        data_source if data_source is not None or first is None else first.data,
+        size=first.image_size if first else None,
+        channels=first.channels if first else None,
+    )
+    extractor = InceptionFeatures()
     cache: dict[str, torch.Tensor] = {}
     results = {}
     for p in points:

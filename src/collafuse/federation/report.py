@@ -83,6 +83,7 @@ def privacy_section(
     public: Tensor | None,
     suite: MetricSuite,
     disclosures: dict[str, dict[str, Any]] | None = None,
+    floors: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Formal accounting plus the empirical attacks of docs/method.md §5, pooled over sites.
 
@@ -122,7 +123,7 @@ def privacy_section(
     section.update(_reconstruction(x0, x_tc, abar_tc, public, heldout, run, fed.seed))
     section.update(_reidentification(x0, x_tc, heldout, abar_tc, run, fed.seed))
     section["membership_inference"] = _membership(fed, schedule, disclosed, server)
-    section["published_measures"] = _published_measures(sites, suite, fed.seed)
+    section["published_measures"] = _published_measures(sites, suite, fed.seed, floors or {})
     fresh = _fresh_noised(schedule, heldout, fed.t_cut, fed.seed + 7)
     handoffs = [s.handoffs for s in sites if s.handoffs is not None]
     section["memorisation"] = (
@@ -240,7 +241,9 @@ def membership_attack(
     return attacks.membership_inference(torch.cat(members), torch.cat(others))
 
 
-def _published_measures(sites: list[SiteOutcome], suite: MetricSuite, seed: int) -> dict[str, Any]:
+def _published_measures(
+    sites: list[SiteOutcome], suite: MetricSuite, seed: int, floors: dict[str, Tensor]
+) -> dict[str, Any]:
     """The published system's disclosure measures: KID (the primary metric's features; the
     hand-offs against as many of the site's training images) and mean pairwise MSE (all of
     them) between the server's hand-offs and each site's data."""
@@ -250,7 +253,9 @@ def _published_measures(sites: list[SiteOutcome], suite: MetricSuite, seed: int)
             continue
         kid, features = None, suite.metrics.get(suite.primary) if suite.primary else None
         if features is not None:
-            train = floor_images(s.train_images, len(s.handoffs), seed)
+            train = floors.get(s.site)
+            if train is None or len(train) != len(s.handoffs):  # the floor's images when they fit
+                train = floor_images(s.train_images, len(s.handoffs), seed)
             f_data, f_hand = features(train), features(s.handoffs.clamp(-1, 1))
             n = min(len(f_data), len(f_hand))
             kid, _ = kernel_inception_distance(
@@ -282,10 +287,11 @@ def build_report(
     default those that fit the images, :mod:`collafuse.eval.suite`); ``disclosures`` the
     disclosure ledger (see :func:`privacy_section`)."""
     suite = suite or metric_suite(fed.image_shape, run.inception)
+    floors = {s.site: floor_images(s.train_images, len(s.samples), fed.seed) for s in sites}
     quality, pooled = quality_report(
         {s.site: s.heldout_images for s in sites},
         {s.site: s.samples for s in sites},
-        {s.site: floor_images(s.train_images, len(s.samples), fed.seed) for s in sites},
+        floors,
         suite,
         fed.seed,
     )
@@ -323,7 +329,9 @@ def build_report(
         },
         "sites": site_rows,
         "pooled": {"quality": pooled},
-        "privacy": privacy_section(fed, run, schedule, sites, server, public, suite, disclosures),
+        "privacy": privacy_section(
+            fed, run, schedule, sites, server, public, suite, disclosures, floors
+        ),
         "cost": {
             "site_nfe_per_sample": n_site_steps,
             "server_nfe_per_sample": n_server_steps,
