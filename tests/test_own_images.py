@@ -170,3 +170,24 @@ def test_each_image_set_goes_through_the_network_once() -> None:
     assert torch.equal(features(x), features(x)) and seen == [5]
     features(y)
     assert seen == [5, 5]
+
+
+def test_exposure_falls_as_the_cut_rises(
+    shapes_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from collafuse.data import load_dataset
+    from collafuse.privacy.accountant import account_cut
+    from collafuse.privacy.exposure import exposure_by_cut
+
+    data = load_dataset(shapes_dir, size=16)
+    schedule = make_schedule("cosine", 100)
+    rows = exposure_by_cut(data.images, schedule, [0.3, 0.99], pool_size=40)
+    assert rows[0]["reidentification_top1"] > 0.9  # barely noised: every upload found
+    assert rows[1]["reidentification_top1"] < rows[0]["reidentification_top1"]
+    assert rows[0]["chance"] == 1 / 40 and rows[0]["t_cut"] == 30
+    assert rows[1]["epsilon"] == account_cut(schedule, 99, 3 * 16 * 16).epsilon
+    argv = ["data", "exposure", str(shapes_dir), "--image-size", "16", "--json"]
+    assert main([*argv, "--fractions", "0.5,0.9", "--pool", "20"]) == 0
+    assert [r["t_cut"] for r in json.loads(capsys.readouterr().out)] == [50, 90]
+    assert main([*argv, "--fractions", "1.5"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err

@@ -84,7 +84,8 @@ def _add_simulate(sub: Any) -> None:
     p.set_defaults(handler=cmd_simulate)
 
 
-def _image_size(text: str) -> int:
+def image_size_arg(text: str) -> int:
+    """argparse type of ``--image-size``: a whole number of pixels in 4..1024."""
     try:
         size = int(text)
     except ValueError:
@@ -106,7 +107,7 @@ def add_data_flags(p: argparse.ArgumentParser, *, evaluation: bool = True) -> No
     )
     p.add_argument(
         "--image-size",
-        type=_image_size,
+        type=image_size_arg,
         metavar="N",
         help="bring every image to NxN pixels (centre crop, bicubic; default: as the data are)",
     )
@@ -334,45 +335,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _add_data(sub: Any) -> None:
-    p = sub.add_parser(
-        "data",
-        help="look at a data source",
-        description="What a data source holds and what the loader makes of it.",
-    )
-    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    q = data_sub.add_parser(
-        "inspect",
-        help="count, classes, sizes and channels of a data source",
-        description="Per split: images, classes, native sizes and channels, and the shape "
-        "the loader makes with --image-size / --channels (or why it refuses, with the fix).",
-    )
-    q.add_argument("path", nargs="?", help="idx folder, .npz or image folder (default: as --data)")
-    q.add_argument("--image-size", type=_image_size, metavar="N")
-    q.add_argument("--channels", type=int, choices=[1, 3])
-    q.add_argument("--json", action="store_true", help="machine-readable output")
-    q.set_defaults(handler=cmd_data_inspect)
-
-
-def cmd_data_inspect(args: argparse.Namespace) -> int:
-    """``collafuse data inspect``: exit 0 when the train split loads, 2 when it is refused."""
-    from collafuse.data import DataError
-    from collafuse.data.inspect import format_info, inspect_source
-
-    try:
-        info = inspect_source(args.path, size=args.image_size, channels=args.channels)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-    print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
-    return 0 if info.splits[0].loads_as is not None else EXIT_USAGE
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collafuse", description="Split diffusion between sites and a server.")
     parser.add_argument("--log-level", default=os.environ.get("COLLAFUSE_LOG_LEVEL", "warning"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
-    _add_data(sub)
+    from collafuse.data.commands import add_data_commands
+
+    add_data_commands(sub)
     from collafuse.experiments.cli import add_experiment_commands
 
     add_experiment_commands(sub)
