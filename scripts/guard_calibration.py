@@ -1,10 +1,12 @@
 """Measure the raw-data guard on real images: false refusals of true uploads, and refusals of
 uploads noised for t = 0.8 t_cut or with the sqrt(abar) scale forgotten, per cut.
 
-    .venv/bin/python scripts/guard_calibration.py [--trials 300] [--out FILE]
+    .venv/bin/python scripts/guard_calibration.py [--trials 300] [--attacks 50]
+        [--data SOURCE --image-size N --channels C] [--T 100,1000]
 
-Prints one line per (T, c) and the totals; docs/design.md quotes its output. Fashion-MNIST
-test images from Debian's dataset-fashion-mnist (no download).
+Prints one line per (T, c) and the totals; docs/design.md quotes its output. By default the
+Fashion-MNIST test images from Debian's dataset-fashion-mnist (no download); --data measures
+the guard on any source (e.g. the colour images of `make colour-data`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 
 import torch
 
-from collafuse.data import DEFAULT_FMNIST_DIR, load_fashion_mnist
+from collafuse.data import DEFAULT_FMNIST_DIR, load_dataset, load_fashion_mnist
 from collafuse.privacy.guard import GuardRefusal, check_upload
 from collafuse.schedule import Schedule, cut_step, make_schedule
 
@@ -41,12 +43,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=300, help="true batches per case")
     parser.add_argument("--attacks", type=int, default=50, help="hostile batches per case")
+    parser.add_argument("--data", help="another data source (default: Fashion-MNIST test)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--channels", type=int, choices=[1, 3])
+    parser.add_argument("--T", default="100,1000", help="diffusion step counts")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x0 = load_fashion_mnist(DEFAULT_FMNIST_DIR, "test").images.to(torch.float64)
+    if args.data:
+        data = load_dataset(args.data, size=args.image_size, channels=args.channels)
+    else:
+        data = load_fashion_mnist(DEFAULT_FMNIST_DIR, "test")
+    x0 = data.images.to(torch.float64)
+    print(f"{data.name}: {len(x0)} images of {tuple(x0.shape[1:])}")
     g = torch.Generator().manual_seed(1)
     false_refusals = true_batches = 0
-    for T in (100, 1000):
+    for T in (int(v) for v in args.T.split(",")):
         schedule = make_schedule("cosine", T)
         for c in CUTS:
             t_cut = cut_step(c, T)

@@ -210,6 +210,15 @@ def test_ssim_identical_is_one_and_falls_with_noise() -> None:
     assert 1.0 > mild > heavy
 
 
+def test_ssim_in_batches_is_the_whole_set_mean() -> None:
+    ref = _rectangles(7, 16, seed=3)
+    noisy = ref + 0.2 * torch.randn(ref.shape, generator=_gen(4))
+    whole = ssim(noisy, ref, batch_size=7)
+    assert ssim(noisy, ref, batch_size=3) == pytest.approx(whole, rel=1e-12)
+    each = [ssim(noisy[i : i + 1], ref[i : i + 1]) for i in range(7)]
+    assert whole == pytest.approx(sum(each) / 7, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconstruction
 # ---------------------------------------------------------------------------------------------
