@@ -84,6 +84,21 @@ def test_fedavg_average_is_the_data_weighted_mean() -> None:
         weighted_average(states, [1.0])
 
 
+def test_fedavg_samples_with_the_runs_sampler_and_grid(tmp_path: Path) -> None:
+    """FedAvg is compared at the same network calls per image as CollaFuse: the run's
+    sampler on the run's grid (3 server + 2 site steps = 5 calls, not T = 10)."""
+    from collafuse.experiments.fedavg import FedAvgConfig, run_fedavg
+
+    base = tiny_base().model_copy(
+        update={"sampler": "dpmpp-2m", "server_sample_steps": 3, "site_sample_steps": 2}
+    )
+    report = run_fedavg(base, FedAvgConfig(steps=2, round_steps=1), tmp_path, data=toy_data())
+    assert report["cost"]["site_nfe_per_sample"] == 5
+    assert report["sites"][0]["nfe"] == 5 * 8
+    for site in report["sites"]:
+        assert site["quality"]["n_fake"] == 8 and site["quality"]["fid"] > 0
+
+
 def _report(out: Path, name: str) -> dict[str, Any]:
     return dict(json.loads((out / "points" / name / "report.json").read_text()))
 

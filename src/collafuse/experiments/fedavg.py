@@ -45,7 +45,16 @@ from collafuse.federation.report import (
 )
 from collafuse.federation.simulate import load_run_data, site_partitions
 from collafuse.schedule import make_schedule
-from collafuse.training import Trainer, atomic_write, bind, model_to_bytes, site_eps_model
+from collafuse.solvers import solver_sample
+from collafuse.training import (
+    SamplingPlan,
+    Trainer,
+    atomic_write,
+    bind,
+    model_to_bytes,
+    sampling_plan,
+    site_eps_model,
+)
 from collafuse.unet import UNet
 
 Budget = Literal["steps", "compute"]
@@ -178,9 +187,11 @@ def run_fedavg(
         model_to_bytes(global_ema, meta | {"rounds": rounds, "steps": done}),
     )
     samples, sample_seconds = {}, {}
+    plan = sampling_plan(run, schedule)
+    nfe = len(plan.grid) - 1 if plan.grid is not None else fed.T
     for k, site in enumerate(fed.sites):
         start = time.perf_counter()
-        samples[site] = _sample(global_ema, fed, schedule, k, run, generator)
+        samples[site] = _sample(global_ema, fed, schedule, k, run, plan, generator)
         sample_seconds[site] = time.perf_counter() - start
 
     suite = suite or metric_suite(fed.image_shape, run.inception)
@@ -205,7 +216,7 @@ def run_fedavg(
                 "n_heldout": len(heldout[k]),
                 "quality": quality[site],
                 "compute_seconds": {"train": train_seconds[site], "sample": sample_seconds[site]},
-                "nfe": fed.T * len(samples[site]),
+                "nfe": nfe * len(samples[site]),
                 "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
                 "bytes_uploaded": uploaded[site],
                 "bytes_downloaded": downloaded[site],
@@ -213,7 +224,7 @@ def run_fedavg(
         )
     shape = fed.image_shape
     step_flops = train_step_flops(model_cfg, shape, run.batch_size, n_cond)
-    fwd = forward_flops(model_cfg, shape, n_cond) * fed.T
+    fwd = forward_flops(model_cfg, shape, n_cond) * nfe
     n_images = sum(len(d) for d in train)
     report = {
         "schema_version": 1,
@@ -260,7 +271,7 @@ def run_fedavg(
             ),
         },
         "cost": {
-            "site_nfe_per_sample": fed.T,
+            "site_nfe_per_sample": nfe,
             "server_nfe_per_sample": 0,
             "site_share_of_steps": 1.0,
             "upload_bytes_per_image": sum(uploaded.values()) / n_images,
@@ -379,9 +390,13 @@ def _sample(
     schedule: Any,
     site_index: int,
     run: RunConfig,
+    plan: SamplingPlan,
     generator: torch.Generator,
 ) -> Tensor:
-    """``run.samples_per_site`` full-chain DDPM samples of one site ``[S, C, H, W]``."""
+    """``run.samples_per_site`` full-chain samples of one site ``[S, C, H, W]``, with the run's
+    sampler on the run's grid (the CollaFuse run's steps, server and site together, so both
+    systems are compared at the same network calls per image). One model has no cut: a
+    multistep solver keeps its history throughout."""
     out, remaining = [], run.samples_per_site
     while remaining > 0:
         n = min(run.sample_batch_size, remaining)
@@ -392,7 +407,20 @@ def _sample(
         )
         x_T = sample_prior((n, *fed.image_shape), generator)
         eps_model = site_eps_model(model, fed, schedule, y)
-        x0 = ddpm_sample(eps_model, schedule, x_T, generator, clip_x0=run.clip_x0)
+        if plan.sampler == "ddpm":
+            x0 = ddpm_sample(
+                eps_model, schedule, x_T, generator, grid=plan.grid, clip_x0=run.clip_x0
+            )
+        else:
+            x0 = solver_sample(
+                eps_model,
+                schedule,
+                x_T,
+                sampler=plan.sampler,
+                grid=plan.grid,
+                eta=plan.eta,
+                generator=generator,
+            )
         out.append(x0.clamp(-1, 1))
         remaining -= n
     return torch.cat(out)
