@@ -46,6 +46,7 @@ def test_simulate_on_a_folder_of_rgb_images(
 ) -> None:
     flags = ["--image-size", str(size), "--channels", str(channels)]
     report = _simulate(shapes_dir, tmp_path / "out", *flags)
+    assert report["config"]["image_shape"] == [channels, size, size]
     assert report["config"]["federation"]["image_shape"] == [channels, size, size]
     assert report["config"]["run"]["image_size"] == size
     for q in [s["quality"] for s in report["sites"]] + [report["pooled"]["quality"]]:

@@ -236,6 +236,7 @@ def run_fedavg(
             "T": fed.T,
             "schedule": fed.schedule,
             "upload_mode": None,
+            "image_shape": list(fed.image_shape),
             "federation": fed.to_json_dict(),
             "run": run.to_json_dict(),
             "fedavg": {

@@ -323,6 +323,7 @@ def build_report(
             "T": fed.T,
             "schedule": fed.schedule,
             "upload_mode": fed.upload_mode,
+            "image_shape": list(fed.image_shape),
             "federation": fed.to_json_dict(),
             "run": run.to_json_dict(),
             "config_fingerprint": fed.fingerprint(),
