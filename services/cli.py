@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[argparse.Namespace], int]
 
 
-class UsageError(ValueError):
-    """Bad input on the command line or in the environment."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers
 

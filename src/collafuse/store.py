@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -37,6 +36,8 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+
+from collafuse.files import atomic_write
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -265,39 +266,11 @@ def _os_failure(what: str, exc: OSError) -> StoreError:
 
 
 def _atomic_write(path: Path, data: bytes, key: str) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, rename it over ``path``."""
+    """:func:`collafuse.files.atomic_write` (durable), OS failures mapped to store errors."""
     try:
-        fd, tmp_name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX
-        )
+        atomic_write(path, data, suffix=_TMP_SUFFIX, durable=True)
     except OSError as exc:
         raise _os_failure(f"cannot write store key {key!r}", exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _os_failure(f"cannot write store key {key!r}", exc) from exc
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable by syncing its folder (best effort where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class S3Store(Store):

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +32,7 @@ from collafuse.diffusion import (
     site_loss,
     site_sample,
 )
+from collafuse.files import atomic_write as atomic_write  # re-exported: the run outputs' writer
 from collafuse.schedule import Schedule
 from collafuse.solvers import (
     Handoff,
@@ -439,21 +437,6 @@ def model_from_bytes(data: bytes, model: torch.nn.Module) -> dict[str, Any]:
     header = json.loads(data[8 : 8 + header_len])
     meta: dict[str, Any] = json.loads(header.get("__metadata__", {}).get("collafuse", "{}"))
     return meta
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_meta(
