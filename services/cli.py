@@ -202,7 +202,9 @@ def _serve(app: Any, args: argparse.Namespace, holder: dict[str, Any] | None = N
 
 
 def _guard(name: str, fn: Handler) -> Handler:
-    """Run a handler; expected failures become one line on stderr and exit code 2."""
+    """Run a handler; expected failures become one line on stderr: exit 2 for bad input
+    (flags, settings, config, data), 1 for a runtime failure (a peer, the store, the OS), as
+    in the core's ``collafuse`` commands."""
 
     def run(args: argparse.Namespace) -> int:
         from pydantic import ValidationError
@@ -221,9 +223,12 @@ def _guard(name: str, fn: Handler) -> Handler:
             where = ".".join(str(x) for x in first.get("loc", ()))
             print(f"collafuse {name}: error: {where}: {first.get('msg')}", file=sys.stderr)
             return 2
-        except (ValueError, ServiceError, StoreError, DataError, OSError) as exc:
+        except (ValueError, DataError) as exc:  # bad flags, settings, config or data: usage
             print(f"collafuse {name}: error: {exc}", file=sys.stderr)
             return 2
+        except (ServiceError, StoreError, OSError) as exc:  # a peer, the store or the OS failed
+            print(f"collafuse {name}: failed: {exc}", file=sys.stderr)
+            return 1
 
     return run
 

@@ -133,3 +133,36 @@ def test_site_refuses_images_of_the_wrong_shape_before_any_work(capsys, monkeypa
         _fails(capsys, argv, "--channels 1 --image-size 16")
         _fails(capsys, [*argv, "--image-size", "16"], "--channels 1 --image-size 16")
     assert not site_dir.exists() or not any(site_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "word"),
+    [
+        ("value", 2, "error"),
+        ("data", 2, "error"),
+        ("store", 1, "failed"),
+        ("service", 1, "failed"),
+        ("os", 1, "failed"),
+    ],
+)
+def test_runtime_failures_exit_1_and_bad_input_exits_2(capsys, error, code, word):
+    """The same split as the core's commands: 2 for bad input, 1 for a failure at run time."""
+    from collafuse.data import DataError
+    from collafuse.services.cli import _guard
+    from collafuse.services.client import ServiceError
+    from collafuse.store import StoreUnavailable
+
+    raised = {
+        "value": ValueError("bad --flag"),
+        "data": DataError("no images"),
+        "store": StoreUnavailable("bucket down"),
+        "service": ServiceError("coordinator said 503"),
+        "os": OSError("disk full"),
+    }[error]
+
+    def handler(args):
+        raise raised
+
+    assert _guard("thing", handler)(None) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"collafuse thing: {word}: ") and len(err.strip().splitlines()) == 1
