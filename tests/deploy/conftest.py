@@ -70,6 +70,7 @@ SCENARIOS = (
     Scenario("three-sites-external-s3", ("three-sites.yaml", "external-s3.yaml")),
     Scenario("three-sites-gpu-tls-monitoring", ("three-sites.yaml", "gpu-ingress-tls.yaml")),
     Scenario("site-only", ("site-only.yaml",), namespace="collafuse-site", mode="site"),
+    Scenario("own-images", ("own-images.yaml",)),
 )
 
 

@@ -467,3 +467,8 @@ def test_federation_config_is_valid_for_the_services(rendered: dict[str, Rendere
     assert lines["three-sites-external-s3"][1] == "site-a,site-b,site-c"
     # The site-only install carries exactly the central install's config.
     assert lines["site-only"][0] == lines["three-sites-external-s3"][0]
+    # Own images: the shape and its conversion reach every component, the 64-pixel presets too.
+    own = json.loads(configs["own-images"])
+    assert own["image_size"] == 64 and own["channels"] == 3
+    assert own["federation"]["image_shape"] == [3, 64, 64] and "site_model" not in own["federation"]
+    assert lines["own-images"][1] == "clinic-a,clinic-b"
