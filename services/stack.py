@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from collafuse.cli import add_data_flags, add_sampler_flags
+from collafuse.cli import add_run_flags
 from collafuse.config import FederationConfig, RunConfig
 
 __all__ = [
@@ -76,29 +76,7 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``stack up`` and ``stack run``: those of ``collafuse simulate`` (same
     meaning, same config) plus the stack's own."""
     p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
-    p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
-    p.add_argument("--sites", type=int, help="number of sites (default 3)")
-    cut = p.add_mutually_exclusive_group()
-    cut.add_argument("--client-fraction", type=float, help="share c of the T steps at the site")
-    cut.add_argument("--t-cut", type=int, help="the cut step t_c directly (0..T)")
-    p.add_argument("--centralized", action="store_true", help="allow c = 0 (raw uploads)")
-    p.add_argument("--T", dest="T", type=int, help="diffusion steps (default 100)")
-    p.add_argument("--schedule", choices=["cosine", "linear"])
-    p.add_argument("--upload-mode", choices=["exact", "renoise", "noise-revealed"])
-    p.add_argument("--steps", type=int, help="optimizer steps per model (site and server)")
-    p.add_argument("--site-steps", type=int, help="optimizer steps per site model")
-    p.add_argument("--server-steps", type=int, help="optimizer steps of the server model")
-    p.add_argument("--time-budget", type=float, help="seconds of training per model (a cap)")
-    p.add_argument("--seed", type=int, help="shared seed (never used for disclosure noise)")
-    add_data_flags(p)
-    p.add_argument("--partition", choices=["iid", "label-skew", "dirichlet"])
-    p.add_argument("--classes-per-site", type=int)
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration")
-    p.add_argument("--images-per-site", type=int)
-    p.add_argument("--samples-per-site", type=int)
-    p.add_argument("--sample-steps", type=int, nargs=2, metavar=("SERVER", "SITE"))
-    add_sampler_flags(p)
-    p.add_argument("--batch-size", type=int)
+    add_run_flags(p)
     p.add_argument(
         "--threads",
         type=int,

@@ -41,6 +41,18 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="output directory (must be new or empty)"
     )
+    add_run_flags(p)
+    p.add_argument("--threads", type=int, help="torch threads (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_simulate)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that make a RunConfig (read by :func:`build_run_config`): the federation, the
+    data, the budgets and the sampler, and ``--config``. Shared by ``simulate``, ``stack up``
+    and ``stack run`` (same meaning, same config)."""
+    p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
     p.add_argument("--sites", type=int, help="number of sites (default 3)")
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--client-fraction", type=float, help="share c of the T steps run at the site")
@@ -77,11 +89,6 @@ def _add_simulate(sub: Any) -> None:
     )
     add_sampler_flags(p)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--threads", type=int, help="torch threads (default 2)")
-    p.add_argument("--config", type=Path, help="a JSON RunConfig; flags override it")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=cmd_simulate)
 
 
 def image_size_arg(text: str) -> int:
