@@ -321,6 +321,9 @@ BAD_VALUES = [
     ("minio:\n  enabled: false\n", "externalS3.endpoint"),
     ("sites:\n  - id: site-a\n    existingSecret: mine\n", "tokenSha256"),
     ("server:\n  autoscaling:\n    minReplicas: 5\n    maxReplicas: 2\n", "minReplicas"),
+    ("trainer:\n  replicas: 0\n", "replicas"),
+    ("federation:\n  clien_fraction: 0.9\n", "clien_fraction"),
+    ("federation:\n  upload_mode: exactly\n", "upload_mode"),
 ]
 
 
@@ -331,6 +334,14 @@ def test_rejects_bad_values(tmp_path: Path, values: str, message: str) -> None:
     proc = render(Scenario("bad", ()), tmp_path / "out", extra)
     assert proc.returncode != 0, f"accepted:\n{values}"
     assert message in proc.stderr + proc.stdout
+
+
+def test_renders_as_a_subchart_with_global_values(tmp_path: Path) -> None:
+    """A parent chart passes `global:`; the schema must not refuse it."""
+    extra = tmp_path / "values.yaml"
+    extra.write_text("global:\n  imageRegistry: registry.example.org\n")
+    proc = render(Scenario("global", ()), tmp_path / "out", extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 SITE_MODE = "mode: site\nsites:\n  - id: site-c\n"
