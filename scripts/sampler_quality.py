@@ -103,13 +103,25 @@ def sample_config(
     return torch.cat(out), n_server, n_site, site_seconds
 
 
+def selected(label: str, only: str) -> bool:
+    """Whether ``label`` is asked for by ``--only``: equal to an item that is some label,
+    else containing an item that is none."""
+    labels = {c[0] for c in CONFIGS}
+    items = [x.strip() for x in only.split(",") if x.strip()]
+    return any(label == x if x in labels else x in label for x in items)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--samples", type=int, default=200, help="per site")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", help="run the configurations whose label contains this")
+    parser.add_argument(
+        "--only",
+        help="comma-separated labels: a label equal to one of them, else containing it "
+        "(e.g. 'ddpm,dpmpp-2m-sde restart': the 90-call row and the SDE restarts)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--inception", action="store_true", help="also the Inception FID (slow on a CPU)"
@@ -131,7 +143,7 @@ def main() -> None:
     print("| sampler | site NFE | server NFE | pooled domain FID | pooled Inception FID | site s |")
     print("|---|---|---|---|---|---|")
     for config in CONFIGS:
-        if args.only and args.only not in config[0]:
+        if args.only and not selected(config[0], args.only):
             continue
         fake, n_server, n_site, seconds = sample_config(
             run, server, sites, config, args.samples, args.seed
