@@ -129,6 +129,73 @@ def compute_matched_steps(run: RunConfig, model: ModelConfig | None = None) -> t
     return steps, note
 
 
+@dataclass
+class _Rounds:
+    """What the FedAvg rounds left: the site trainers (all holding the averaged weights) and
+    their bookkeeping."""
+
+    trainers: list[Trainer]
+    rounds: int
+    steps: int
+    model_bytes: int
+    uploaded: dict[str, int]
+    downloaded: dict[str, int]
+    train_seconds: dict[str, float]
+    average_seconds: float
+
+
+def _train_rounds(
+    run: RunConfig,
+    cfg: FedAvgConfig,
+    schedule: Any,
+    train: list[Dataset],
+    generator: torch.Generator,
+) -> _Rounds:
+    """``cfg.steps`` local steps per site, averaging the weights (and EMAs) every
+    ``cfg.round_steps``, weighted by the sites' training-set sizes."""
+    fed = run.federation
+    model_cfg = cfg.model or fed.site_model
+    torch.manual_seed(fed.seed + 3000)
+    global_model = UNet(model_cfg.spec(), fed.image_shape[0], fed.server_num_classes)
+    trainers = [
+        Trainer(copy.deepcopy(global_model), run.lr, run.ema_decay) for _ in range(fed.n_sites)
+    ]
+    weights = [float(len(d)) for d in train]
+    model_bytes = len(model_to_bytes(global_model, _meta(fed)))
+    r = _Rounds(
+        trainers,
+        rounds=0,
+        steps=0,
+        model_bytes=model_bytes,
+        uploaded=dict.fromkeys(fed.sites, 0),
+        downloaded=dict.fromkeys(fed.sites, 0),
+        train_seconds=dict.fromkeys(fed.sites, 0.0),
+        average_seconds=0.0,
+    )
+    while r.steps < cfg.steps:
+        n_local = min(cfg.round_steps, cfg.steps - r.steps)
+        for k, (site, trainer) in enumerate(zip(fed.sites, trainers, strict=True)):
+            r.train_seconds[site] += _local_steps(
+                trainer, fed, schedule, train[k].images, k, n_local, run.batch_size, generator
+            )
+        start = time.perf_counter()
+        model_avg = weighted_average([t.model.state_dict() for t in trainers], weights)
+        ema_avg = weighted_average([t.ema.state_dict() for t in trainers], weights)
+        for site, trainer in zip(fed.sites, trainers, strict=True):
+            trainer.model.load_state_dict(model_avg)
+            trainer.ema.load_state_dict(ema_avg)
+            r.uploaded[site] += model_bytes
+            r.downloaded[site] += model_bytes
+        r.average_seconds += time.perf_counter() - start
+        r.steps += n_local
+        r.rounds += 1
+    return r
+
+
+def _meta(fed: FederationConfig) -> dict[str, Any]:
+    return {"role": "fedavg-global", "federation": fed.to_json_dict()}
+
+
 def run_fedavg(
     run: RunConfig,
     cfg: FedAvgConfig,
@@ -141,73 +208,78 @@ def run_fedavg(
     started = time.perf_counter()
     torch.set_num_threads(run.torch_threads)
     fed = run.federation
-    model_cfg = cfg.model or fed.site_model
     schedule = make_schedule(fed.schedule, fed.T)
     data = data if data is not None else load_run_data(run)
     check_data_shape(data, fed.image_shape)
     parts = site_partitions(run, data)
     train = [data.subset(p.train) for p in parts]
     heldout = [data.subset(p.heldout) for p in parts]
-    n_cond = fed.server_num_classes
-    torch.manual_seed(fed.seed + 3000)
-    global_model = UNet(model_cfg.spec(), fed.image_shape[0], n_cond)
-    trainers = [
-        Trainer(copy.deepcopy(global_model), run.lr, run.ema_decay) for _ in range(fed.n_sites)
-    ]
-    weights = [float(len(d)) for d in train]
     generator = torch.Generator().manual_seed(fed.seed)
-    meta = {"role": "fedavg-global", "federation": fed.to_json_dict()}
-    model_bytes = len(model_to_bytes(global_model, meta))
-    uploaded = dict.fromkeys(fed.sites, 0)
-    downloaded = dict.fromkeys(fed.sites, 0)
-    train_seconds = dict.fromkeys(fed.sites, 0.0)
-    average_seconds = 0.0
-    rounds, done = 0, 0
-    while done < cfg.steps:
-        n_local = min(cfg.round_steps, cfg.steps - done)
-        for k, (site, trainer) in enumerate(zip(fed.sites, trainers, strict=True)):
-            train_seconds[site] += _local_steps(
-                trainer, fed, schedule, train[k].images, k, n_local, run.batch_size, generator
-            )
-        start = time.perf_counter()
-        model_avg = weighted_average([t.model.state_dict() for t in trainers], weights)
-        ema_avg = weighted_average([t.ema.state_dict() for t in trainers], weights)
-        for site, trainer in zip(fed.sites, trainers, strict=True):
-            trainer.model.load_state_dict(model_avg)
-            trainer.ema.load_state_dict(ema_avg)
-            uploaded[site] += model_bytes
-            downloaded[site] += model_bytes
-        average_seconds += time.perf_counter() - start
-        done += n_local
-        rounds += 1
-
-    global_ema = trainers[0].ema  # every site holds the same averaged weights now
+    r = _train_rounds(run, cfg, schedule, train, generator)
+    global_ema = r.trainers[0].ema  # every site holds the same averaged weights now
     atomic_write(
         out / "global_model.safetensors",
-        model_to_bytes(global_ema, meta | {"rounds": rounds, "steps": done}),
+        model_to_bytes(global_ema, _meta(fed) | {"rounds": r.rounds, "steps": r.steps}),
     )
     samples, sample_seconds = {}, {}
     plan = sampling_plan(run, schedule)
-    nfe = len(plan.grid) - 1 if plan.grid is not None else fed.T
     for k, site in enumerate(fed.sites):
         start = time.perf_counter()
         samples[site] = _sample(global_ema, fed, schedule, k, run, plan, generator)
         sample_seconds[site] = time.perf_counter() - start
-
-    suite = suite or metric_suite(fed.image_shape, run.inception)
+    floors = {
+        site: floor_images(train[k].images, len(samples[site]), fed.seed)
+        for k, site in enumerate(fed.sites)
+    }
     quality, pooled = quality_report(  # the same metrics and settings as CollaFuse's report
         {site: heldout[k].images for k, site in enumerate(fed.sites)},
         samples,
-        {
-            site: floor_images(train[k].images, len(samples[site]), fed.seed)
-            for k, site in enumerate(fed.sites)
-        },
-        suite,
+        floors,
+        suite or metric_suite(fed.image_shape, run.inception),
         fed.seed,
     )
+    nfe = len(plan.grid) - 1 if plan.grid is not None else fed.T
+    report = _report(run, cfg, r, train, heldout, samples, sample_seconds, quality, nfe)
+    report["pooled"] = {"quality": pooled}
+    report["privacy"]["membership_inference"] = _membership(
+        global_ema, fed, schedule, train, heldout
+    )
+    report["wall_seconds"] = time.perf_counter() - started
+    _write_outputs(out, report, samples, r)
+    return report
+
+
+def _write_outputs(
+    out: Path, report: dict[str, Any], samples: dict[str, Tensor], r: _Rounds
+) -> None:
+    import json
+
+    atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False).encode())
+    for site, images in samples.items():
+        save_grid(out / f"samples_{site}.png", images[:64], title=f"FedAvg {site} samples")
+    save_samples(out / SAMPLES_FILE, samples)
+    curves = {f"site {s}": t.losses for s, t in zip(samples, r.trainers, strict=True)}
+    save_loss_plot(out / "losses.png", curves)
+
+
+def _report(
+    run: RunConfig,
+    cfg: FedAvgConfig,
+    r: _Rounds,
+    train: list[Dataset],
+    heldout: list[Dataset],
+    samples: dict[str, Tensor],
+    sample_seconds: dict[str, float],
+    quality: dict[str, dict[str, Any]],
+    nfe: int,
+) -> dict[str, Any]:
+    """The report in the schema of CollaFuse's (README, "report.json"); ``pooled``,
+    ``privacy.membership_inference`` and ``wall_seconds`` are filled in by the caller."""
+    fed = run.federation
+    model_cfg = cfg.model or fed.site_model
     site_rows = []
     for k, site in enumerate(fed.sites):
-        losses = trainers[k].losses
+        losses = r.trainers[k].losses
         site_rows.append(
             {
                 "site": site,
@@ -215,18 +287,14 @@ def run_fedavg(
                 "n_train": len(train[k]),
                 "n_heldout": len(heldout[k]),
                 "quality": quality[site],
-                "compute_seconds": {"train": train_seconds[site], "sample": sample_seconds[site]},
+                "compute_seconds": {"train": r.train_seconds[site], "sample": sample_seconds[site]},
                 "nfe": nfe * len(samples[site]),
                 "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-                "bytes_uploaded": uploaded[site],
-                "bytes_downloaded": downloaded[site],
+                "bytes_uploaded": r.uploaded[site],
+                "bytes_downloaded": r.downloaded[site],
             }
         )
-    shape = fed.image_shape
-    step_flops = train_step_flops(model_cfg, shape, run.batch_size, n_cond)
-    fwd = forward_flops(model_cfg, shape, n_cond) * nfe
-    n_images = sum(len(d) for d in train)
-    report = {
+    return {
         "schema_version": 1,
         "collafuse_version": collafuse.__version__,
         "baseline": "fedavg",
@@ -242,7 +310,7 @@ def run_fedavg(
             "fedavg": {
                 "steps": cfg.steps,
                 "round_steps": cfg.round_steps,
-                "rounds": rounds,
+                "rounds": r.rounds,
                 "model": model_cfg.model_dump(mode="json"),
                 "conditioning": fed.server_conditioning,
                 "budget": cfg.budget,
@@ -252,76 +320,84 @@ def run_fedavg(
             },
         },
         "sites": site_rows,
-        "pooled": {"quality": pooled},
-        "privacy": {
-            "applicable": False,
-            "epsilon": None,
-            "epsilon_per_pixel": None,
-            "unbounded": False,
-            "reconstruction_psnr": None,
-            "reidentification_top1": None,
-            "reidentification_chance": None,
-            "membership_inference": _membership(global_ema, fed, schedule, train, heldout),
-            "published_measures": None,
-            "disclosed_images": 0,
-            "note": (
-                "FedAvg discloses no images, but every round each site uploads model weights "
-                "trained on its images: no Gaussian mechanism, so no epsilon (null). "
-                "membership_inference attacks the global model (training images against "
-                "held-out ones, loss over t ~ U{1..T}); gradient inversion is not measured."
-            ),
-        },
-        "cost": {
-            "site_nfe_per_sample": nfe,
-            "server_nfe_per_sample": 0,
-            "site_share_of_steps": 1.0,
-            "upload_bytes_per_image": sum(uploaded.values()) / n_images,
-            "model_bytes": model_bytes,
-            "compute_seconds": {
-                "sites": {
-                    s: {"train": train_seconds[s], "sample": sample_seconds[s]} for s in fed.sites
-                },
-                "server": {"train": 0.0, "sample": 0.0, "average": average_seconds},
-            },
-            "server_nfe": 0,
-            "bytes": {
-                "uploaded_by_site": uploaded,
-                "downloaded_by_site": downloaded,
-                "by_kind": {
-                    "weights_up": sum(uploaded.values()),
-                    "weights_down": sum(downloaded.values()),
-                },
-            },
-            "flops": {
-                "counter": "torch.utils.flop_counter (matmul/conv FLOPs)",
-                "site_train_step": step_flops,
-                "server_train_step": 0,
-                "site_train_total": step_flops * done * fed.n_sites,
-                "server_train_total": 0,
-                "site_sample_per_image": fwd,
-                "server_sample_per_image": 0,
-                "site_sample_total": fwd * sum(len(v) for v in samples.values()),
-                "server_sample_total": 0,
-            },
-        },
+        "privacy": _privacy_block(),
+        "cost": _cost_block(run, model_cfg, r, train, samples, sample_seconds, nfe),
         "training": {
             "server_final_loss": None,
             "server_steps": 0,
-            "site_steps": {s: trainers[k].step for k, s in enumerate(fed.sites)},
-            "rounds": rounds,
+            "site_steps": {s: r.trainers[k].step for k, s in enumerate(fed.sites)},
+            "rounds": r.rounds,
         },
         **run_environment(),
-        "wall_seconds": time.perf_counter() - started,
     }
-    import json
 
-    atomic_write(out / "report.json", json.dumps(report, indent=2, allow_nan=False).encode())
-    for site in fed.sites:
-        save_grid(out / f"samples_{site}.png", samples[site][:64], title=f"FedAvg {site} samples")
-    save_samples(out / SAMPLES_FILE, samples)
-    curves = {f"site {s}": t.losses for s, t in zip(fed.sites, trainers, strict=True)}
-    save_loss_plot(out / "losses.png", curves)
-    return report
+
+def _privacy_block() -> dict[str, Any]:
+    return {
+        "applicable": False,
+        "epsilon": None,
+        "epsilon_per_pixel": None,
+        "unbounded": False,
+        "reconstruction_psnr": None,
+        "reidentification_top1": None,
+        "reidentification_chance": None,
+        "membership_inference": None,
+        "published_measures": None,
+        "disclosed_images": 0,
+        "note": (
+            "FedAvg discloses no images, but every round each site uploads model weights "
+            "trained on its images: no Gaussian mechanism, so no epsilon (null). "
+            "membership_inference attacks the global model (training images against "
+            "held-out ones, loss over t ~ U{1..T}); gradient inversion is not measured."
+        ),
+    }
+
+
+def _cost_block(
+    run: RunConfig,
+    model_cfg: ModelConfig,
+    r: _Rounds,
+    train: list[Dataset],
+    samples: dict[str, Tensor],
+    sample_seconds: dict[str, float],
+    nfe: int,
+) -> dict[str, Any]:
+    fed = run.federation
+    shape, n_cond = fed.image_shape, fed.server_num_classes
+    step_flops = train_step_flops(model_cfg, shape, run.batch_size, n_cond)
+    fwd = forward_flops(model_cfg, shape, n_cond) * nfe
+    seconds = {s: {"train": r.train_seconds[s], "sample": sample_seconds[s]} for s in fed.sites}
+    return {
+        "site_nfe_per_sample": nfe,
+        "server_nfe_per_sample": 0,
+        "site_share_of_steps": 1.0,
+        "upload_bytes_per_image": sum(r.uploaded.values()) / sum(len(d) for d in train),
+        "model_bytes": r.model_bytes,
+        "compute_seconds": {
+            "sites": seconds,
+            "server": {"train": 0.0, "sample": 0.0, "average": r.average_seconds},
+        },
+        "server_nfe": 0,
+        "bytes": {
+            "uploaded_by_site": r.uploaded,
+            "downloaded_by_site": r.downloaded,
+            "by_kind": {
+                "weights_up": sum(r.uploaded.values()),
+                "weights_down": sum(r.downloaded.values()),
+            },
+        },
+        "flops": {
+            "counter": "torch.utils.flop_counter (matmul/conv FLOPs)",
+            "site_train_step": step_flops,
+            "server_train_step": 0,
+            "site_train_total": step_flops * r.steps * fed.n_sites,
+            "server_train_total": 0,
+            "site_sample_per_image": fwd,
+            "server_sample_per_image": 0,
+            "site_sample_total": fwd * sum(len(v) for v in samples.values()),
+            "server_sample_total": 0,
+        },
+    }
 
 
 def _membership(
