@@ -124,17 +124,25 @@ def _write_secret(path: Path, text: str) -> None:
 
 def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
     """Write everything the processes need under ``out`` and return their commands."""
-    import numpy as np
+    from collafuse.federation.simulate import load_run_data
 
-    from collafuse.federation.simulate import load_run_data, site_partitions
-    from collafuse.services.http import hash_token
-
-    fed = run.federation
     data = load_run_data(run)  # DataError (a ValueError) names the fix
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(run.to_json_dict(), indent=2))
-    (out / "federation.json").write_text(json.dumps(fed.to_json_dict(), indent=2))
+    (out / "federation.json").write_text(json.dumps(run.federation.to_json_dict(), indent=2))
+    plan = StackPlan(out, run, *_write_credentials(out, run.federation))
+    _write_site_data(plan, data)
+    base = _base_env(run)
+    coord, serve = _central_services(plan, base, replicas)
+    _site_services(plan, base, coord, serve)
+    return plan
+
+
+def _write_credentials(out: Path, fed: FederationConfig) -> tuple[str, dict[str, str]]:
+    """A fresh admin token and one token per site under ``out/secrets`` (mode 0600)."""
+    from collafuse.services.http import hash_token
+
     admin = secrets.token_urlsafe(32)
     tokens = {site: secrets.token_urlsafe(32) for site in fed.sites}
     _write_secret(out / "secrets" / "admin-token", admin)
@@ -144,26 +152,44 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
     )
     for site, token in tokens.items():
         _write_secret(out / "secrets" / f"{site}.token", token)
-    plan = StackPlan(out, run, admin, tokens)
+    return admin, tokens
 
-    parts = site_partitions(run, data)
-    for site, part in zip(fed.sites, parts, strict=True):
+
+def _write_site_data(plan: StackPlan, data: Any) -> None:
+    """Each site's training images into its own folder (``data.npz``), as ``simulate``
+    partitions them; the held-out images stay with the plan for the evaluation."""
+    import numpy as np
+
+    from collafuse.federation.simulate import site_partitions
+
+    parts = site_partitions(plan.run, data)
+    for site, part in zip(plan.fed.sites, parts, strict=True):
         train, held = data.subset(part.train), data.subset(part.heldout)
-        folder = out / "sites" / site
+        folder = plan.out / "sites" / site
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "data.npz", x=train.images.numpy(), y=train.labels.numpy())
         plan.train[site], plan.heldout[site] = train, held
         plan.classes[site] = tuple(int(c) for c in train.labels.unique())
 
+
+_SERVICE_ENV = (
+    "COLLAFUSE_ADMIN_TOKEN",
+    "COLLAFUSE_SITE_TOKEN",
+    "COLLAFUSE_SITE_TOKENS",
+    "COLLAFUSE_STORE",
+    "COLLAFUSE_COORDINATOR_URL",
+    "COLLAFUSE_SERVER_URL",
+    "COLLAFUSE_DATA",
+    "COLLAFUSE_SITE_DIR",
+)
+
+
+def _base_env(run: RunConfig) -> dict[str, str]:
+    """The environment every process starts from: this one without any service setting of
+    the caller's, plus the thread counts."""
     threads = str(run.torch_threads)
-    # The server's training is the critical path (the largest model, alone once the sites
-    # are done): one replica gets up to 2 threads; the other processes run with `threads`.
-    trainer_threads = (
-        max(run.torch_threads, min(2, os.cpu_count() or 1)) if replicas == 1 else run.torch_threads
-    )
     base = {
         **os.environ,
-        "COLLAFUSE_CONFIG": str(out / "config.json"),
         "COLLAFUSE_TORCH_THREADS": threads,
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
@@ -171,22 +197,21 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "COLLAFUSE_LOG_LEVEL": os.environ.get("COLLAFUSE_LOG_LEVEL", "info"),
     }
-    for name in (
-        "COLLAFUSE_ADMIN_TOKEN",
-        "COLLAFUSE_SITE_TOKEN",
-        "COLLAFUSE_SITE_TOKENS",
-        "COLLAFUSE_STORE",
-        "COLLAFUSE_COORDINATOR_URL",
-        "COLLAFUSE_SERVER_URL",
-        "COLLAFUSE_DATA",
-        "COLLAFUSE_SITE_DIR",
-    ):
+    for name in _SERVICE_ENV:
         base.pop(name, None)
-    store = {"COLLAFUSE_STORE": f"file://{out / 'store'}"}
+    return base
+
+
+def _central_services(
+    plan: StackPlan, base: dict[str, str], replicas: int
+) -> tuple[ServiceSpec, ServiceSpec]:
+    """The coordinator, the serving server and the trainer replica(s), added to ``plan``."""
+    run, fed, out = plan.run, plan.fed, plan.out
     central = {
         **base,
-        **store,
-        "COLLAFUSE_ADMIN_TOKEN": admin,
+        "COLLAFUSE_CONFIG": str(out / "config.json"),
+        "COLLAFUSE_STORE": f"file://{out / 'store'}",
+        "COLLAFUSE_ADMIN_TOKEN": plan.admin_token,
         "COLLAFUSE_SITE_TOKENS": str(out / "secrets" / "site-tokens.json"),
     }
     coord = ServiceSpec(
@@ -196,67 +221,46 @@ def plan_stack(out: Path, run: RunConfig, *, replicas: int = 1) -> StackPlan:
         free_port(),
     )
     central = {**central, "COLLAFUSE_COORDINATOR_URL": coord.url}
-    per_request = max(1, run.sample_batch_size // fed.n_sites)
-    serve = ServiceSpec(
-        "server",
-        [
-            "server",
-            "serve",
-            "--poll-s",
-            "1",
-            "--max-batch",
-            str(per_request * fed.n_sites),
-            "--max-request",
-            str(max(per_request, 256)),
-        ],
-        central,
-        free_port(),
-    )
+    per_request = _per_request(plan)
+    serve_args = ["server", "serve", "--poll-s", "1", "--max-batch", str(per_request * fed.n_sites)]
+    serve_args += ["--max-request", str(max(per_request, 256))]
+    serve = ServiceSpec("server", serve_args, central, free_port())
     plan.services += [coord, serve]
+    # The server's training is the critical path (the largest model, alone once the sites
+    # are done): one replica gets up to 2 threads; the other processes run with `threads`.
+    threads = run.torch_threads
+    if replicas == 1:
+        threads = max(threads, min(2, os.cpu_count() or 1))
     for i in range(replicas):
-        plan.services.append(
-            ServiceSpec(
-                f"trainer-{i}",
-                [
-                    "server",
-                    "train",
-                    "--replica",
-                    f"trainer-{i}",
-                    "--seed",
-                    str(fed.seed + 3000 + i),
-                    "--threads",
-                    str(trainer_threads),
-                ],
-                central,
-                free_port(),
-            )
-        )
-    for k, site in enumerate(fed.sites):
+        args = ["server", "train", "--replica", f"trainer-{i}", "--seed", str(fed.seed + 3000 + i)]
+        args += ["--threads", str(threads)]
+        plan.services.append(ServiceSpec(f"trainer-{i}", args, central, free_port()))
+    return coord, serve
+
+
+def _per_request(plan: StackPlan) -> int:
+    """Images per sampling request of one site: the run's batch shared between the sites."""
+    return max(1, plan.run.sample_batch_size // plan.fed.n_sites)
+
+
+def _site_services(
+    plan: StackPlan, base: dict[str, str], coord: ServiceSpec, serve: ServiceSpec
+) -> None:
+    """One runner per site, each with its own token, data and private state folder."""
+    for k, site in enumerate(plan.fed.sites):
+        folder = plan.out / "sites" / site
         env = {
             **base,
+            "COLLAFUSE_CONFIG": str(plan.out / "config.json"),
             "COLLAFUSE_COORDINATOR_URL": coord.url,
             "COLLAFUSE_SERVER_URL": serve.url,
-            "COLLAFUSE_SITE_TOKEN": tokens[site],
-            "COLLAFUSE_DATA": str(out / "sites" / site / "data.npz"),
-            "COLLAFUSE_SITE_DIR": str(out / "sites" / site / "state"),
+            "COLLAFUSE_SITE_TOKEN": plan.site_tokens[site],
+            "COLLAFUSE_DATA": str(folder / "data.npz"),
+            "COLLAFUSE_SITE_DIR": str(folder / "state"),
         }
-        plan.services.append(
-            ServiceSpec(
-                site,
-                [
-                    "site",
-                    "--site-id",
-                    site,
-                    "--sample-request",
-                    str(per_request),
-                    "--seed",
-                    str(fed.seed + 1000 + k),
-                ],
-                env,
-                free_port(),
-            )
-        )
-    return plan
+        args = ["site", "--site-id", site, "--sample-request", str(_per_request(plan))]
+        args += ["--seed", str(plan.fed.seed + 1000 + k)]
+        plan.services.append(ServiceSpec(site, args, env, free_port()))
 
 
 def _client(url: str, token: str | None) -> httpx.Client:
