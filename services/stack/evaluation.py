@@ -57,76 +57,90 @@ def evaluate(
     wall_seconds: float,
 ) -> dict[str, Any]:
     """The report of ``collafuse simulate`` from what the services left behind."""
-    import torch
-
-    from collafuse.federation.report import (
-        ServerOutcome,
-        SiteOutcome,
-        build_report,
-        write_report,
-    )
+    from collafuse.federation.report import build_report, write_report
     from collafuse.federation.simulate import load_public_set
     from collafuse.schedule import make_schedule
-    from collafuse.services.coordinator.ingest import (
-        PREFIX,
-        ledger_from_store,
-        parse_disclosure_key,
-    )
-    from collafuse.store import FileStore, current_checkpoint
-    from collafuse.training import (
-        build_server_model,
-        model_from_bytes,
-        sampling_plan,
-        server_eps_model,
-        server_training_set,
-    )
-    from collafuse.wire import decode_tensors
+    from collafuse.services.coordinator.ingest import ledger_from_store
+    from collafuse.store import FileStore
+    from collafuse.training import sampling_plan
 
     fed, run = plan.fed, plan.run
     schedule = make_schedule(fed.schedule, fed.T)
     store = FileStore(plan.out / "store")
-    disclosed: dict[str, list[torch.Tensor]] = {s: [] for s in fed.sites}
+    statuses = {}
+    for site in fed.sites:
+        with _client(plan.service(site).url, plan.site_tokens[site]) as c:
+            statuses[site] = c.get("/v1/status", params={"losses": "true"}).json()
+    outcomes = _site_outcomes(plan, results, statuses, _disclosed(plan, store, schedule))
+    server = _server_outcome(plan, store, schedule, snapshot)
+    ledger = {
+        "uploaded_by_site": {s: statuses[s]["bytes"]["uploaded"] for s in fed.sites},
+        "downloaded_by_site": {s: statuses[s]["bytes"]["downloaded"] for s in fed.sites},
+        "by_kind": {
+            k: sum(statuses[s]["bytes"][k] for s in fed.sites)
+            for k in ("disclosure", "sample_request", "handoff")
+        },
+    }
+    public = load_public_set(run)
+    report = build_report(
+        fed,
+        run,
+        schedule,
+        outcomes,
+        server,
+        public=public.images if public is not None else None,
+        ledger=ledger,
+        grid=sampling_plan(run, schedule).grid,
+        wall_seconds=wall_seconds,
+        disclosures=ledger_from_store(store, fed.sites),
+    )
+    report["services"] = {
+        "transport": "http (local stack: one process per service on 127.0.0.1)",
+        "server_checkpoint_version": version,
+        "trainer_replicas": sum(s.name.startswith("trainer-") for s in plan.services),
+        "metrics_snapshot": "metrics/snapshot.json",
+        "metrics": snapshot,
+    }
+    losses = {f"site {s.site}": s.losses for s in outcomes} | {"server": server.losses}
+    write_report(plan.out, report, outcomes, losses)
+    return report
+
+
+def _disclosed(plan: StackPlan, store: Any, schedule: Any) -> dict[str, list[Any]]:
+    """What the server holds of each site's images: every disclosure part in the store."""
+    import torch
+
+    from collafuse.services.coordinator.ingest import PREFIX, parse_disclosure_key
+    from collafuse.training import server_training_set
+    from collafuse.wire import decode_tensors
+
+    disclosed: dict[str, list[torch.Tensor]] = {s: [] for s in plan.fed.sites}
     for key in store.list(f"{PREFIX}/"):
         info = parse_disclosure_key(key)
         if info is not None:
             tensors, _ = decode_tensors(store.get(key), max_bytes=2**40)
             disclosed[str(info["site"])].append(
-                server_training_set(fed, schedule, tensors).to(torch.float32)
+                server_training_set(plan.fed, schedule, tensors).to(torch.float32)
             )
-    statuses = {}
-    for site in fed.sites:
-        with _client(plan.service(site).url, plan.site_tokens[site]) as c:
-            statuses[site] = c.get("/v1/status", params={"losses": "true"}).json()
-    trainer_status = []
-    for spec in plan.services:
-        if spec.name.startswith("trainer-"):
-            with _client(spec.url, None) as c:
-                trainer_status.append(c.get("/v1/status", params={"losses": "true"}).json())
-    found = current_checkpoint(store, "server")
-    model = build_server_model(fed)
-    if found is not None:
-        model_from_bytes(found[1]["ema.safetensors"], model)
-    model.eval()
+    return disclosed
 
-    def eps_for(site: str) -> Any:
-        y_id = fed.site_index(site)
 
-        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            y = (
-                torch.full((len(x),), y_id, dtype=torch.long)
-                if fed.server_conditioning == "site"
-                else None
-            )
-            with torch.no_grad():
-                return server_eps_model(model, fed, schedule, y)(x, t)
+def _site_outcomes(
+    plan: StackPlan,
+    results: dict[str, Any],
+    statuses: dict[str, Any],
+    disclosed: dict[str, list[Any]],
+) -> list[Any]:
+    """Each site's part of the evaluation: its data, uploads, hand-offs and samples."""
+    import torch
 
-        return eps_model
+    from collafuse.federation.report import SiteOutcome
+    from collafuse.wire import decode_tensors
 
-    collaborative = fed.t_cut < fed.T
+    collaborative = plan.fed.t_cut < plan.fed.T
     outcomes = []
-    for site in fed.sites:
-        sample_file = Path(results[site]["file"])
-        tensors, _ = decode_tensors(sample_file.read_bytes(), max_bytes=2**40)
+    for site in plan.fed.sites:
+        tensors, _ = decode_tensors(Path(results[site]["file"]).read_bytes(), max_bytes=2**40)
         status = statuses[site]
         outcomes.append(
             SiteOutcome(
@@ -142,51 +156,61 @@ def evaluate(
                 losses=status.get("losses", []),
             )
         )
-    server_snapshot = snapshot.get("server", {})
-    server_nfe = int(
-        sum(v for k, v in server_snapshot.items() if k.startswith("collafuse_nfe_total"))
-    )
-    sample_seconds = sum(
-        v for k, v in server_snapshot.items() if k.startswith("collafuse_compute_seconds_total")
-    )
-    server = ServerOutcome(
-        eps_model_for_site={s: eps_for(s) for s in fed.sites} if collaborative else None,
+    return outcomes
+
+
+def _server_outcome(plan: StackPlan, store: Any, schedule: Any, snapshot: dict[str, Any]) -> Any:
+    """The server's part: its published EMA model (for the membership attack), the trainers'
+    compute and losses, and the serving NFEs and seconds from the metrics snapshot."""
+    from collafuse.federation.report import ServerOutcome
+    from collafuse.store import current_checkpoint
+    from collafuse.training import build_server_model, model_from_bytes
+
+    fed = plan.fed
+    trainer_status = []
+    for spec in plan.services:
+        if spec.name.startswith("trainer-"):
+            with _client(spec.url, None) as c:
+                trainer_status.append(c.get("/v1/status", params={"losses": "true"}).json())
+    found = current_checkpoint(store, "server")
+    model = build_server_model(fed)
+    if found is not None:
+        model_from_bytes(found[1]["ema.safetensors"], model)
+    model.eval()
+    served = snapshot.get("server", {})
+    return ServerOutcome(
+        eps_model_for_site=(
+            {s: _eps_for(model, plan, schedule, s) for s in fed.sites}
+            if fed.t_cut < fed.T
+            else None
+        ),
         compute_seconds={
             "train": sum(t["compute_seconds"] for t in trainer_status),
-            "sample": sample_seconds,
+            "sample": sum(
+                v for k, v in served.items() if k.startswith("collafuse_compute_seconds_total")
+            ),
         },
-        nfe=server_nfe,
+        nfe=int(sum(v for k, v in served.items() if k.startswith("collafuse_nfe_total"))),
         losses=trainer_status[0].get("losses", []) if trainer_status else [],
     )
-    ledger = {
-        "uploaded_by_site": {s: statuses[s]["bytes"]["uploaded"] for s in fed.sites},
-        "downloaded_by_site": {s: statuses[s]["bytes"]["downloaded"] for s in fed.sites},
-        "by_kind": {
-            k: sum(statuses[s]["bytes"][k] for s in fed.sites)
-            for k in ("disclosure", "sample_request", "handoff")
-        },
-    }
-    public = load_public_set(run)
-    grid = sampling_plan(run, schedule).grid
-    report = build_report(
-        fed,
-        run,
-        schedule,
-        outcomes,
-        server,
-        public=public.images if public is not None else None,
-        ledger=ledger,
-        grid=grid,
-        wall_seconds=wall_seconds,
-        disclosures=ledger_from_store(store, fed.sites),
-    )
-    report["services"] = {
-        "transport": "http (local stack: one process per service on 127.0.0.1)",
-        "server_checkpoint_version": version,
-        "trainer_replicas": len(trainer_status),
-        "metrics_snapshot": "metrics/snapshot.json",
-        "metrics": snapshot,
-    }
-    losses = {f"site {s.site}": s.losses for s in outcomes} | {"server": server.losses}
-    write_report(plan.out, report, outcomes, losses)
-    return report
+
+
+def _eps_for(model: Any, plan: StackPlan, schedule: Any, site: str) -> Any:
+    """The server model as ``site``'s eps predictor (its site id bound), without gradients."""
+    import torch
+
+    from collafuse.training import server_eps_model
+
+    fed = plan.fed
+    y_id = fed.site_index(site)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = (
+            torch.full((len(x),), y_id, dtype=torch.long)
+            if fed.server_conditioning == "site"
+            else None
+        )
+        with torch.no_grad():
+            return server_eps_model(model, fed, schedule, y)(x, t)
+
+    return eps_model
