@@ -129,6 +129,13 @@ class ServiceMetrics:
         )
         self.train_loss = Gauge("collafuse_train_loss", "Last training loss", ["role"], registry=r)
         self.train_steps = Counter("collafuse_train_steps", "Optimizer steps", ["role"], registry=r)
+        self.phase = Gauge(
+            "collafuse_phase",
+            "1 for the phase a role is in (training, done, failed, ...), 0 for those it left",
+            ["role", "phase"],
+            registry=r,
+        )
+        self._phases: dict[str, str] = {}
         self.disclosures = Counter(
             "collafuse_disclosures",
             "Disclosure uploads by outcome (accepted, duplicate, rejected) and reason",
@@ -161,6 +168,15 @@ class ServiceMetrics:
         )
         if gpu:
             r.register(GpuCollector())
+
+    def set_phase(self, role: str, phase: str) -> None:
+        """Move ``role``'s phase gauge: the old phase to 0, the new one to 1 (alerts can ask
+        "is it training?" or "has it failed?" instead of guessing from counters)."""
+        old = self._phases.get(role)
+        if old is not None and old != phase:
+            self.phase.labels(role, old).set(0)
+        self.phase.labels(role, phase).set(1)
+        self._phases[role] = phase
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

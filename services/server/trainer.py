@@ -160,6 +160,16 @@ class TrainerLoop:
 
     # -- status ------------------------------------------------------------------------------
 
+    @property
+    def phase(self) -> str:
+        """Where the role is (``status()["phase"]``), mirrored in ``collafuse_phase``."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        self.metrics.set_phase(ROLE, value)
+
     def status(self, losses: bool = False) -> dict[str, Any]:
         out = {
             "replica": self.options.replica,

@@ -148,6 +148,16 @@ class SiteRunner:
 
     # -- status ------------------------------------------------------------------------------
 
+    @property
+    def phase(self) -> str:
+        """Where the role is (``status()["phase"]``), mirrored in ``collafuse_phase``."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        self.metrics.set_phase(ROLE, value)
+
     def status(self, losses: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "site": self.options.site,

@@ -27,7 +27,7 @@ def promtool() -> str:
 def test_promtool_check_rules() -> None:
     proc = run([promtool(), "check", "rules", str(ALERTS)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 7 rules found" in proc.stdout
+    assert "SUCCESS: 8 rules found" in proc.stdout
 
 
 def test_promtool_test_rules() -> None:

@@ -140,8 +140,11 @@ def test_federation_end_to_end_over_http(fed, store, auth, tmp_path: Path):
             assert (tmp_path / site / "disclosure" / "part-0000.safetensors").exists()
             with site_client(site) as c:
                 metrics = c.get("/metrics").text
+                phase = c.get("/v1/status").json()["phase"]  # the phase gauge follows it
             assert f'collafuse_nfe_total{{role="site",site="{site}"}} {8.0 * fed.t_cut}' in metrics
             assert 'collafuse_train_steps_total{role="site"} 10.0' in metrics
+            assert f'collafuse_phase{{phase="{phase}",role="site"}} 1.0' in metrics
+            assert 'collafuse_phase{phase="training",role="site"} 0.0' in metrics
         with server.client() as s:
             metrics = s.get("/metrics").text
         batches = next(
