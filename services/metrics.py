@@ -181,3 +181,21 @@ class ServiceMetrics:
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class PhaseMetric:
+    """A role whose ``phase`` (its ``/v1/status`` phase) is mirrored in ``collafuse_phase``:
+    the class sets ``ROLE`` and ``self.metrics`` (a :class:`ServiceMetrics`)."""
+
+    ROLE: str
+    metrics: ServiceMetrics
+    _phase: str
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        self.metrics.set_phase(self.ROLE, value)

@@ -40,7 +40,7 @@ from collafuse.services.client import ServiceClient, ServiceError
 from collafuse.services.coordinator.aggregate import encode_push
 from collafuse.services.coordinator.ingest import PREFIX, disclosure_specs, parse_disclosure_key
 from collafuse.services.http import NotReady, create_app, query_flag
-from collafuse.services.metrics import ServiceMetrics
+from collafuse.services.metrics import PhaseMetric, ServiceMetrics
 from collafuse.services.settings import place_model
 from collafuse.store import Store, StoreError, current_checkpoint, read_manifest
 from collafuse.training import (
@@ -127,8 +127,10 @@ class DisclosureSet:
         return torch.cat(xs), torch.cat(ids)
 
 
-class TrainerLoop:
+class TrainerLoop(PhaseMetric):
     """One replica's training loop (see the module docstring)."""
+
+    ROLE = ROLE
 
     def __init__(
         self,
@@ -159,16 +161,6 @@ class TrainerLoop:
         self.pushed: list[dict[str, Any]] = []
 
     # -- status ------------------------------------------------------------------------------
-
-    @property
-    def phase(self) -> str:
-        """Where the role is (``status()["phase"]``), mirrored in ``collafuse_phase``."""
-        return self._phase
-
-    @phase.setter
-    def phase(self, value: str) -> None:
-        self._phase = value
-        self.metrics.set_phase(ROLE, value)
 
     def status(self, losses: bool = False) -> dict[str, Any]:
         out = {

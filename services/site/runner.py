@@ -38,7 +38,7 @@ from collafuse.diffusion import sample_prior
 from collafuse.privacy.accountant import account_cut
 from collafuse.schedule import make_schedule
 from collafuse.services.client import ServiceClient, ServiceError
-from collafuse.services.metrics import ServiceMetrics
+from collafuse.services.metrics import PhaseMetric, ServiceMetrics
 from collafuse.services.settings import place_model
 from collafuse.solvers import SolverState
 from collafuse.training import (
@@ -90,8 +90,10 @@ class SiteOptions:
     device: str = "cpu"  # where the network runs (resolved: cpu, cuda, cuda:N)
 
 
-class SiteRunner:
+class SiteRunner(PhaseMetric):
     """The site's state machine (see the module docstring)."""
+
+    ROLE = ROLE
 
     def __init__(
         self,
@@ -147,16 +149,6 @@ class SiteRunner:
         self._sample_lock = threading.Lock()
 
     # -- status ------------------------------------------------------------------------------
-
-    @property
-    def phase(self) -> str:
-        """Where the role is (``status()["phase"]``), mirrored in ``collafuse_phase``."""
-        return self._phase
-
-    @phase.setter
-    def phase(self, value: str) -> None:
-        self._phase = value
-        self.metrics.set_phase(ROLE, value)
 
     def status(self, losses: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

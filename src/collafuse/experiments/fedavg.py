@@ -30,7 +30,6 @@ from torch import Tensor
 import collafuse
 from collafuse.config import FederationConfig, ModelConfig, RunConfig
 from collafuse.data import Dataset
-from collafuse.data.shape import check_data_shape
 from collafuse.diffusion import ddpm_sample, sample_prior, site_loss
 from collafuse.eval.suite import MetricSuite, floor_images, metric_suite, quality_report
 from collafuse.experiments.flops import forward_flops, train_step_flops
@@ -43,7 +42,7 @@ from collafuse.federation.report import (
     save_loss_plot,
     save_samples,
 )
-from collafuse.federation.simulate import load_run_data, site_partitions
+from collafuse.federation.simulate import given_or_run_data, site_partitions
 from collafuse.schedule import make_schedule
 from collafuse.solvers import solver_sample
 from collafuse.training import (
@@ -209,8 +208,7 @@ def run_fedavg(
     torch.set_num_threads(run.torch_threads)
     fed = run.federation
     schedule = make_schedule(fed.schedule, fed.T)
-    data = data if data is not None else load_run_data(run)
-    check_data_shape(data, fed.image_shape)
+    data = given_or_run_data(run, data)
     parts = site_partitions(run, data)
     train = [data.subset(p.train) for p in parts]
     heldout = [data.subset(p.heldout) for p in parts]

@@ -55,6 +55,13 @@ def load_run_data(run: RunConfig, split: Split = "train") -> Dataset:
     return data
 
 
+def given_or_run_data(run: RunConfig, data: Dataset | None) -> Dataset:
+    """``data`` (checked against the federation's shape) or, when None, the run's own."""
+    data = data if data is not None else load_run_data(run)
+    check_data_shape(data, run.federation.image_shape)
+    return data
+
+
 def load_public_set(run: RunConfig) -> Dataset | None:
     """The attacker's public data: the test split of the same source, when it has one."""
     try:
@@ -104,8 +111,7 @@ def simulate(
     torch.set_num_threads(run.torch_threads)
     fed = run.federation
     schedule = make_schedule(fed.schedule, fed.T)
-    data = data if data is not None else load_run_data(run)
-    check_data_shape(data, fed.image_shape)
+    data = given_or_run_data(run, data)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(run.to_json_dict(), indent=2).encode())
     sites = make_sites(fed, run, data, out)
