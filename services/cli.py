@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collafuse.cli import add_sampler_flags
+from collafuse.cli import add_sampler_flags, image_size_arg
 from collafuse.config import FederationConfig, RunConfig
 
 __all__ = ["add_service_commands", "main"]
@@ -574,7 +574,7 @@ def _add_site(sub: Any) -> None:
     p.add_argument("--data", default=None, help="the site's images (default: $COLLAFUSE_DATA)")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=image_size_arg,
         metavar="N",
         help="bring the site's images to NxN (default: the run config's image_size, else as "
         "they are); the federation's image_shape must agree",

@@ -104,9 +104,9 @@ def image_size_arg(text: str) -> int:
     return size
 
 
-def add_data_flags(p: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
-    """``--data``, ``--image-size`` and ``--channels`` (README, "Your own data"), and
-    ``--inception`` / ``--no-inception`` where the command evaluates."""
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """``--data``, ``--image-size``, ``--channels`` (README, "Your own data") and
+    ``--inception`` / ``--no-inception``."""
     p.add_argument(
         "--data",
         help="Fashion-MNIST idx folder, .npz or image folder (one subfolder per class) "
@@ -124,14 +124,13 @@ def add_data_flags(p: argparse.ArgumentParser, *, evaluation: bool = True) -> No
         choices=[1, 3],
         help="1 (grey) or 3 (RGB), converting as needed (default: as the data are)",
     )
-    if evaluation:
-        p.add_argument(
-            "--inception",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="Inception FID/KID in the report (default: when the Fashion-MNIST classifier "
-            "of the domain FID does not fit the images)",
-        )
+    p.add_argument(
+        "--inception",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Inception FID/KID in the report (default: when the Fashion-MNIST classifier "
+        "of the domain FID does not fit the images)",
+    )
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
